@@ -1,0 +1,1 @@
+"""One procedure per stage; each module has main(argv) and is reached as `nanoseek <stage>`."""
