@@ -1,0 +1,553 @@
+"""The DeepSeek-V2/V3 architecture, readable top to bottom: RMSNorm, RoPE/YaRN, MLA, Gate, MoE, Block, MTP, Transformer.
+
+Shape legend (suffixes on tensor names):
+    B batch   T query tokens   S key tokens (cache)   D hidden_size   H heads   V vocab_size
+    N qk_nope_head_dim   R qk_rope_head_dim   K = N + R   O v_head_dim   C kv_lora_rank   Q q_lora_rank
+    E routed experts   k experts per token   F expert width   M = B*T tokens   A = M*k routed assignments
+
+Module and parameter names are the Hugging Face ones (minus the `model.` prefix), so hf.py only has to split the
+stacked experts per expert and renumber the MTP layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig, yarn_mscale
+
+
+# --------------------------------------------------------------------------------------------------- norms, RoPE
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the activation dtype, as the reference implementations do.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
+    """Inverse frequencies of the decoupled rotary key, with YaRN's ramp between corr_dim(beta_fast) and
+    corr_dim(beta_slow) (YaRN paper sec. 3.2; DeepSeek-V2 appendix B), and the cos/sin attention factor."""
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    y = config.yarn
+    if y is None:
+        return inv_freq, 1.0
+    factor, orig = y["factor"], y["original_max_position_embeddings"]
+
+    def corr_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(corr_dim(y["beta_fast"])), 0)
+    high = min(math.ceil(corr_dim(y["beta_slow"])), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # interpolate low frequencies, keep high ones
+    attention_factor = 1.0
+    if y.get("mscale") and y.get("mscale_all_dim"):
+        attention_factor = yarn_mscale(factor, y["mscale"]) / yarn_mscale(factor, y["mscale_all_dim"])
+    return inv_freq, attention_factor
+
+
+def rope_cos_sin(inv_freq: Tensor, attention_factor: float, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [*positions.shape, R/2] in fp32."""
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotates interleaved pairs (x0, x1), (x2, x3), ... as the released weights expect, x: [B, T, (H,) R].
+
+    The output lists the rotated even elements, then the odd ones. Queries and keys get the same permutation, so
+    their dot products are those of the interleaved rotation (this is what transformers' `rope_interleave` does)."""
+    if x.dim() == 4:  # per-head queries: broadcast cos/sin [B, T, R/2] over heads
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- MLA
+@dataclass
+class LatentCache:
+    """The absorbed-MLA cache: per layer (main stack, then MTP layers) the normalised latent c_KV and the rotated
+    shared key k_pe, kv_lora_rank + qk_rope_head_dim values per token (576 for V3 against 40,960 for per-head K/V).
+    Slot s of row b holds the token at position s of that row's sequence."""
+
+    kv: Tensor  # [L, B, S, C]
+    pe: Tensor  # [L, B, S, R]
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch: int, max_len: int, *, dtype=torch.float32, device="cpu",
+                 with_mtp: bool = True) -> "LatentCache":
+        layers = config.num_hidden_layers + (config.num_nextn_predict_layers if with_mtp else 0)
+        kv = torch.zeros(layers, batch, max_len, config.kv_lora_rank, dtype=dtype, device=device)
+        pe = torch.zeros(layers, batch, max_len, config.qk_rope_head_dim, dtype=dtype, device=device)
+        return cls(kv, pe)
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[2]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies in one layer."""
+        return (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2 sec. 2.1). Keys and values are compressed into c_KV (kv_lora_rank)
+    plus one rotary key shared by all heads; queries optionally through c_Q (q_lora_rank)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.nope, self.rope, self.v_dim = (c.num_attention_heads, c.qk_nope_head_dim,
+                                                          c.qk_rope_head_dim, c.v_head_dim)
+        self.kv_rank = c.kv_lora_rank
+        self.scale = c.softmax_scale
+        H, K = c.num_attention_heads, c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, H * K, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)  # eps 1e-6 as released, not rms_norm_eps
+            self.q_b_proj = nn.Linear(c.q_lora_rank, H * K, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def _queries(self, x_BTD: Tensor) -> Tensor:
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        B, T, _ = x_BTD.shape
+        return q.view(B, T, self.n_heads, self.nope + self.rope)
+
+    def _latents(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        kv_BTC, pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_rank, self.rope], dim=-1)
+        return self.kv_a_layernorm(kv_BTC), apply_rope(pe_BTR, cos, sin)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, cache: LatentCache | None = None,
+                positions_BT: Tensor | None = None, rows_B: Tensor | None = None, prefill: bool = False) -> Tensor:
+        q_BTHK = self._queries(x_BTD)
+        q_nope, q_pe = q_BTHK.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        kv_BTC, pe_BTR = self._latents(x_BTD, cos, sin)
+        if cache is not None:
+            self._write_cache(cache, kv_BTC, pe_BTR, positions_BT, rows_B)
+        if cache is None or prefill:
+            out_BTHO = self._attend_expanded(q_nope, q_pe, kv_BTC, pe_BTR)
+        else:
+            out_BTHO = self._attend_absorbed(q_nope, q_pe, cache, positions_BT, rows_B)
+        return self.o_proj(out_BTHO.flatten(2))
+
+    def _attend_expanded(self, q_nope, q_pe, kv_BTC, pe_BTR) -> Tensor:
+        """Training / prefill: expand c_KV into per-head keys and values and run causal SDPA."""
+        B, T, H, _ = q_nope.shape
+        k_nope, v = self.kv_b_proj(kv_BTC).view(B, T, H, self.nope + self.v_dim).split([self.nope, self.v_dim], -1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, pe_BTR.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        return out.transpose(1, 2)
+
+    def _write_cache(self, cache, kv_BTC, pe_BTR, positions_BT, rows_B):
+        B = kv_BTC.shape[0]
+        rows = torch.arange(B, device=kv_BTC.device) if rows_B is None else rows_B
+        layer_kv, layer_pe = cache.kv[self.layer_idx], cache.pe[self.layer_idx]
+        layer_kv[rows[:, None], positions_BT] = kv_BTC.to(layer_kv.dtype)
+        layer_pe[rows[:, None], positions_BT] = pe_BTR.to(layer_pe.dtype)
+
+    def absorbed_weights(self) -> tuple[Tensor, Tensor]:
+        """W_UK [H, N, C] and W_UV [H, O, C]: the key and value blocks of kv_b_proj, per head."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        return w[:, : self.nope], w[:, self.nope:]
+
+    def _attend_absorbed(self, q_nope, q_pe, cache, positions_BT, rows_B) -> Tensor:
+        """Decode: fold W_UK into the query and W_UV after attention, attending over the cached latents directly
+        (DeepSeek-V2 sec. 2.1.2). Key slot s is visible to a query at position p iff s <= p."""
+        w_uk, w_uv = self.absorbed_weights()
+        kv_cache, pe_cache = cache.kv[self.layer_idx], cache.pe[self.layer_idx]
+        if rows_B is not None:
+            kv_cache, pe_cache = kv_cache[rows_B], pe_cache[rows_B]
+        S = int(positions_BT.max()) + 1 if positions_BT.numel() else 1
+        kv_BSC, pe_BSR = kv_cache[:, :S].to(q_nope.dtype), pe_cache[:, :S].to(q_nope.dtype)
+        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
+        scores_BHTS = (torch.einsum("bthc,bsc->bhts", q_lat_BTHC, kv_BSC)
+                       + torch.einsum("bthr,bsr->bhts", q_pe, pe_BSR)).float() * self.scale
+        visible = torch.arange(S, device=q_nope.device) <= positions_BT[:, None, :, None]
+        probs = scores_BHTS.masked_fill(~visible, float("-inf")).softmax(-1).to(q_nope.dtype)
+        out_lat_BTHC = torch.einsum("bhts,bsc->bthc", probs, kv_BSC)
+        return torch.einsum("bthc,hoc->btho", out_lat_BTHC, w_uv)
+
+
+# --------------------------------------------------------------------------------------------------- FFN, gate, MoE
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts (n_shared * moe_intermediate wide)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _keep_fp32(module: nn.Module, name: str) -> None:
+    buf = getattr(module, name)
+    if buf.is_floating_point() and buf.dtype != torch.float32 and not buf.is_meta:
+        setattr(module, name, buf.float())
+
+
+class Gate(nn.Module):
+    """Token-to-expert routing, in fp32. V3 (noaux_tc): sigmoid scores; the bias only steers selection; groups
+    ranked by the sum of their two best biased scores; weights are the unbiased scores, normalised, times the
+    routed scaling factor (V3 sec. 2.1.2). V2: softmax scores, greedy or group-limited by group maximum."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.top_k, self.n_group, self.topk_group = c.num_experts_per_tok, c.n_group, c.topk_group
+        self.scoring_func, self.topk_method, self.norm = c.scoring_func, c.topk_method, c.norm_topk_prob
+        self.scaling = c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        # Auxiliary-loss-free balancing bias b_i: no gradient, moved by update_expert_bias once per step.
+        self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        _keep_fp32(self, "e_score_correction_bias")  # the bias stays fp32 in every dtype, as released
+        return self
+
+    def forward(self, x_MD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.autocast(device_type=x_MD.device.type, enabled=False):
+            logits_ME = F.linear(x_MD.float(), self.weight.float())
+        scores_ME = logits_ME.sigmoid() if self.scoring_func == "sigmoid" else logits_ME.softmax(-1)
+        M, E = scores_ME.shape
+        choice_ME = scores_ME + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores_ME
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice_ME.view(M, self.n_group, E // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            else:  # V2 group_limited_greedy: a group's best expert score
+                group_scores = grouped.amax(-1)
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            fill = float("-inf") if self.topk_method == "noaux_tc" else 0.0
+            choice_ME = grouped.masked_fill(~keep[..., None], fill).view(M, E)
+        idx_Mk = choice_ME.topk(self.top_k, dim=-1, sorted=False).indices
+        weights_Mk = scores_ME.gather(1, idx_Mk)
+        if self.norm and self.top_k > 1:
+            weights_Mk = weights_Mk / (weights_Mk.sum(-1, keepdim=True) + 1e-20)
+        return weights_Mk * self.scaling, idx_Mk, scores_ME
+
+
+class Experts(nn.Module):
+    """The routed experts as stacked tensors in the HF orientation (gate and up fused), run with grouped matmul
+    over assignments sorted by expert: no Python loop over experts and no host sync."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, F_ = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+
+    def forward(self, x_AD: Tensor, offsets_E: Tensor) -> Tensor:
+        gate_AF, up_AF = grouped_mm(x_AD, self.gate_up_proj.transpose(1, 2), offsets_E).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate_AF) * up_AF, self.down_proj.transpose(1, 2), offsets_E)
+
+
+def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    """Rows [offsets[e-1], offsets[e]) of x times w[e]. torch._grouped_mm where it exists (CPU and Hopper GPUs);
+    otherwise a segment loop (correct everywhere, only used on older GPUs)."""
+    if x_AI.is_cuda and torch.cuda.get_device_capability(x_AI.device)[0] < 9:
+        bounds = [0] + offsets_E.tolist()
+        return torch.cat([x_AI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    return torch._grouped_mm(x_AI, w_EIO.to(x_AI.dtype), offs=offsets_E)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts plus fine-grained routed experts (DeepSeekMoE paper; V3 sec. 2.1.2)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.aux_alpha = config.aux_loss_alpha
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts > 0 else None)
+        # Tokens routed to each expert since the last bias update, summed over micro-batches (not saved).
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
+        self.aux_loss: Tensor | None = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        _keep_fp32(self, "expert_load")  # counts must stay exact past 256 in a bf16 model
+        return self
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        B, T, D = x_BTD.shape
+        x_MD = x_BTD.reshape(-1, D)
+        weights_Mk, idx_Mk, scores_ME = self.gate(x_MD)
+        # scatter_add rather than bincount: no host sync on GPUs.
+        counts_E = torch.zeros(self.n_experts, dtype=torch.int64, device=x_MD.device).scatter_add_(
+            0, idx_Mk.flatten(), torch.ones_like(idx_Mk.flatten()))
+        with torch.no_grad():
+            self.expert_load += counts_E
+        if self.training and self.aux_alpha > 0:
+            self.aux_loss = self.sequence_balance_loss(scores_ME.view(B, T, -1), idx_Mk.view(B, T, -1))
+        # Sort the M*k assignments by expert, run each expert's contiguous segment, scatter back, mix by weight.
+        order_A = idx_Mk.flatten().argsort(stable=True)
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        y_AD = self.experts(x_MD[order_A // self.top_k], offsets_E)
+        y_MkD = torch.empty_like(y_AD).index_copy_(0, order_A, y_AD).view(-1, self.top_k, D)
+        routed_MD = torch.bmm(weights_Mk.to(y_MkD.dtype).unsqueeze(1), y_MkD).squeeze(1)
+        out = routed_MD.view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_BTD)
+        return out
+
+    def sequence_balance_loss(self, scores_BTE: Tensor, idx_BTk: Tensor) -> Tensor:
+        """alpha * sum_i f_i P_i per sequence, averaged over sequences (V3 eq. 17-20):
+        f_i = E / (k T) * #tokens of the sequence routed to i, P_i = mean_t of the scores renormalised per token."""
+        B, T, E = scores_BTE.shape
+        counts_BE = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
+            1, idx_BTk.reshape(B, -1), torch.ones(B, T * self.top_k, device=scores_BTE.device))
+        f_BE = counts_BE * (E / (self.top_k * T))
+        p_BE = (scores_BTE / (scores_BTE.sum(-1, keepdim=True) + 1e-20)).mean(1)
+        return self.aux_alpha * (f_BE * p_BE).sum(-1).mean()
+
+
+# --------------------------------------------------------------------------------------------------- blocks
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, **cache_kw) -> Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, **cache_kw)
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+
+class SharedHead(nn.Module):
+    """An MTP module's output norm and head. The head shares the main model's lm_head (V3 sec. 2.2); the released
+    checkpoint stores a copy of it under each MTP layer, which hf.py writes and reads."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPLayer(nn.Module):
+    """Multi-token prediction depth k (V3 sec. 2.2): h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))], one
+    Transformer block, the shared output head. The released weights put the embedding half first in eh_proj."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = Block(config, layer_idx)
+        self.shared_head = SharedHead(config)
+
+    def forward(self, h_BTD: Tensor, emb_BTD: Tensor, cos: Tensor, sin: Tensor, **cache_kw) -> Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
+        return self.block(x, cos, sin, **cache_kw)
+
+
+# --------------------------------------------------------------------------------------------------- the model
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList([Block(c, i) for i in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList([MTPLayer(c, c.num_hidden_layers + k) for k in range(c.num_nextn_predict_layers)])
+        inv_freq, self.rope_attention_factor = rope_inv_freq(c)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.loss_parts: dict[str, Tensor] = {}
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """N(0, initializer_range) for every matrix, ones for norms, zeros for the routing bias (as HF inits)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or ".norm." in name or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for m in self.moe_layers():
+            m.gate.e_score_correction_bias.zero_()
+        self.inv_freq.copy_(rope_inv_freq(self.config)[0])
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return rope_cos_sin(self.inv_freq, self.rope_attention_factor, positions)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, mtp_weight: float = 0.3,
+                positions: Tensor | None = None, cache: LatentCache | None = None, rows: Tensor | None = None,
+                prefill: bool = False, return_hidden: bool = False):
+        """Logits [B, T, V] in fp32; with `targets` ([B, T], -100 ignored) the training loss: next-token CE
+        + mtp_weight * mean over MTP depths of their CE + the sequence-wise balance losses. Parts are kept in
+        `self.loss_parts` (detached) for logging.
+
+        With `cache` the new tokens' latents are written at `positions` ([B, T], default 0..T-1) of cache rows
+        `rows` ([B], default 0..B-1); `prefill=True` attends only among the new tokens (expanded MLA), otherwise
+        over the cache (absorbed MLA)."""
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rope(positions)
+        cache_kw = {} if cache is None else dict(cache=cache, positions_BT=positions, rows_B=rows, prefill=prefill)
+        h_BTD = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h_BTD = layer(h_BTD, cos, sin, **cache_kw)
+        if targets is None:
+            logits = self.lm_head(self.norm(h_BTD)).float()
+            return (logits, h_BTD) if return_hidden else logits
+        return self._loss(input_ids, h_BTD, targets, mtp_weight, cos, sin)
+
+    def _loss(self, input_ids, h_BTD, targets, mtp_weight: float, cos: Tensor, sin: Tensor) -> Tensor:
+        main = self.cross_entropy(self.norm(h_BTD), targets)
+        parts = {"lm": main}
+        loss = main
+        if self.mtp and mtp_weight > 0:
+            # Depth k at position i sees t_{i+k} (= input_ids[i+k]) and predicts t_{i+k+1} (= targets[i+k]); the
+            # sequence shortens by one per depth. h^0 is the main stack's output before its final norm.
+            h, mtp_losses = h_BTD, []
+            for k, layer in enumerate(self.mtp, start=1):
+                T_k = targets.shape[1] - k
+                if T_k <= 0:
+                    break
+                emb = self.embed_tokens(input_ids[:, k:])
+                h = layer(h[:, :T_k], emb, cos[:, :T_k], sin[:, :T_k])
+                mtp_losses.append(self.cross_entropy(layer.shared_head.norm(h), targets[:, k:]))
+            if mtp_losses:
+                parts["mtp"] = torch.stack(mtp_losses).mean()
+                loss = loss + mtp_weight * parts["mtp"]
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if aux:
+            parts["balance"] = torch.stack(aux).sum()
+            loss = loss + parts["balance"]
+            for m in self.moe_layers():
+                m.aux_loss = None
+        self.loss_parts = {k: v.detach() for k, v in parts.items()}
+        return loss
+
+    def cross_entropy(self, h_BTD: Tensor, targets_BT: Tensor) -> Tensor:
+        logits = self.lm_head(h_BTD)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
+
+    def mtp_forward(self, depth: int, h_BTD: Tensor, tokens_BT: Tensor, positions: Tensor,
+                    cache: LatentCache | None = None, rows: Tensor | None = None, prefill: bool = False):
+        """One MTP depth at inference (speculative drafting): returns (logits [B, T, V], h^depth [B, T, D]) from the
+        previous depth's hidden states and the tokens one step ahead of them."""
+        layer = self.mtp[depth - 1]
+        cos, sin = self.rope(positions)
+        cache_kw = {} if cache is None else dict(cache=cache, positions_BT=positions, rows_B=rows, prefill=prefill)
+        h = layer(h_BTD, self.embed_tokens(tokens_BT), cos, sin, **cache_kw)
+        return self.lm_head(layer.shared_head.norm(h)).float(), h
+
+    # ------------------------------------------------------------------------------------------------ bookkeeping
+    def expert_loads(self) -> Tensor:
+        """[num MoE layers, E] tokens routed per expert since the last `update_expert_bias`."""
+        return torch.stack([m.expert_load for m in self.moe_layers()]) if self.moe_layers() else torch.zeros(0)
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and active (per token) parameter counts; the main stack and the MTP modules apart."""
+        c = self.config
+        out = {"total": 0, "active": 0, "embedding": 0, "mtp_total": 0, "mtp_active": 0}
+        frac = c.num_experts_per_tok / c.n_routed_experts if c.is_moe else 1.0
+        for name, p in self.named_parameters():
+            n = p.numel()
+            act = n * frac if ".experts." in name else n
+            key = "mtp_" if name.startswith("mtp.") else ""
+            out[key + "total"] += n
+            out[key + "active"] += int(act)
+            if name == "embed_tokens.weight":
+                out["embedding"] += n
+        return out
+
+    def flops_per_token(self, seq_len: int, *, training: bool = True, include_mtp: bool = True) -> float:
+        """Matmul FLOPs per token: 2 per active matmul weight (embedding lookup excluded, lm_head included), plus
+        attention scores and values 2 * H * (K + O) * seq_len (no causal discount, as PaLM counts MFU); training
+        is 3x the forward (backward = 2x). MLA counted in the expanded form used for training."""
+        c = self.config
+        counts = self.param_counts()
+        matmul = counts["active"] - counts["embedding"] - self._norm_params(exclude_mtp=True)
+        attn = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len * c.num_hidden_layers
+        fwd = 2 * matmul + attn
+        if include_mtp and self.mtp:
+            mtp_matmul = counts["mtp_active"] - self._norm_params(only_mtp=True) + c.vocab_size * c.hidden_size
+            fwd += 2 * mtp_matmul + attn / c.num_hidden_layers * len(self.mtp)
+        return float(3 * fwd if training else fwd)
+
+    def _norm_params(self, exclude_mtp: bool = False, only_mtp: bool = False) -> int:
+        n = 0
+        for name, p in self.named_parameters():
+            is_mtp = name.startswith("mtp.")
+            if (exclude_mtp and is_mtp) or (only_mtp and not is_mtp):
+                continue
+            if p.dim() == 1:
+                n += p.numel()
+        return n
+
+    # ------------------------------------------------------------------------------------------------ HF format
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "Transformer":
+        from .hf import load_hf
+
+        config, state = load_hf(path)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.inv_freq = rope_inv_freq(config)[0]
+        for m in model.moe_layers():
+            m.expert_load = torch.zeros(config.n_routed_experts)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model = model.to(device)
+        return model if dtype is None else model.to(dtype)
+
+    def save_pretrained(self, path) -> None:
+        from .hf import save_hf
+
+        save_hf(path, self.config, self.state_dict())
+
+
+@torch.no_grad()
+def update_expert_bias(model: Transformer, gamma: float = 1e-3) -> Tensor:
+    """Auxiliary-loss-free balancing (V3 sec. 2.1.2): b_i += gamma * sign(mean load - load_i), once per optimizer
+    step from the loads counted over that step (all micro-batches; the trainer all-reduces them across ranks
+    first). Returns the loads used [layers, E] and resets the counters."""
+    loads = model.expert_loads().clone()
+    for m, load_E in zip(model.moe_layers(), loads):
+        m.gate.e_score_correction_bias += gamma * torch.sign(load_E.mean() - load_E)
+        m.expert_load.zero_()
+    return loads
