@@ -247,7 +247,7 @@ class Gate(nn.Module):
             choice_ME = grouped.masked_fill(~keep[..., None], fill).view(M, E)
         idx_Mk = choice_ME.topk(self.top_k, dim=-1, sorted=False).indices
         weights_Mk = scores_ME.gather(1, idx_Mk)
-        if self.norm and self.top_k > 1:
+        if self.norm:
             weights_Mk = weights_Mk / (weights_Mk.sum(-1, keepdim=True) + 1e-20)
         return weights_Mk * self.scaling, idx_Mk, scores_ME
 
