@@ -91,7 +91,7 @@ def grpo_loss(
         stats = {
             "clip_low": _masked_mean(low, mask_BT),
             "clip_high": _masked_mean(high, mask_BT),
-            "clip_region": _masked_mean(torch.clamp(low + high, max=1.0), mask_BT),
+            "clip_region": _masked_mean(low + high, mask_BT),  # disjoint: they need opposite advantage signs
             "ratio": _masked_mean(ratio_BT, mask_BT),
         }
         if kl_BT is not None:

@@ -32,7 +32,7 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
@@ -53,6 +53,7 @@ MAX_NUMBER_DIGITS = 18  # longest integer literal inside an expression
 MAX_ANSWER_DIGITS = 64  # longest integer accepted as an arithmetic answer
 _EXPR_CHARS = re.compile(r"[0-9+\-*/() \t]*", re.ASCII)  # whitelist: ASCII digits, + - * /, parens, blanks
 _INT = re.compile(r"-?[0-9]+", re.ASCII)  # ASCII only: int() would also accept unicode digits like "٣"
+_DECIMAL = re.compile(r"-?[0-9]{1,64}(\.[0-9]{1,64})?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,7 @@ def _check_jsonl(problem: Problem, answer_text: str) -> bool:
     if len(answer_text) > 4 * len(problem.answer) + 64:
         return False
     got, want = _normalize(answer_text), _normalize(problem.answer)
-    number = re.compile(r"-?[0-9]{1,64}(\.[0-9]{1,64})?", re.ASCII)
-    if number.fullmatch(got) and number.fullmatch(want):
+    if _DECIMAL.fullmatch(got) and _DECIMAL.fullmatch(want):
         return Fraction(got) == Fraction(want)
     return got == want
 
@@ -467,7 +467,11 @@ class JsonlTask(Task):
         return _format([problem.reasoning.strip()], problem.answer)
 
 
-TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "multiplication": MultiplicationTask, "countdown": CountdownTask}
+TASKS: dict[str, type[Task]] = {
+    "addition": AdditionTask,
+    "multiplication": MultiplicationTask,
+    "countdown": CountdownTask,
+}
 
 
 def solution(problem: Problem) -> str:
@@ -546,7 +550,9 @@ def score_completions(
     """reward_fn(problem, completion) for each pair, as floats (a (total, components) result gives total).
     An exception, or a result that is not a finite number, raises RewardError naming the completion."""
     if len(problems) != len(completions):
-        raise ValueError(f"{len(problems)} problems but {len(completions)} completions; pass one problem per completion")
+        raise ValueError(
+            f"{len(problems)} problems but {len(completions)} completions; pass one problem per completion"
+        )
     rewards = []
     for i, (problem, completion) in enumerate(zip(problems, completions)):
         shown = completion if len(completion) <= 200 else completion[:200] + f"... ({len(completion)} chars)"
