@@ -34,7 +34,7 @@ from .tokenizer import Tokenizer
 
 VAL_FRACTION = 0.015  # documents held out, by a hash of their key
 MIN_VAL_DOCS = 3
-FIM_RATE = 0.5  # DeepSeek-Coder 3.1: PSM at document level with rate 0.5
+FIM_RATE = 0.5  # DeepSeek-Coder 3.1.2: PSM at document level with rate 0.5
 CACHE_VERSION = 1
 _ENCODE_CHUNK_BYTES = 8 << 20  # text handed to encode_batch at once: parallel, yet bounded memory
 
@@ -70,6 +70,15 @@ def _looks_binary(path: Path) -> bool:
         return b"\0" in f.read(8192)
 
 
+def _walk(folder: Path) -> Iterator[Path]:
+    """Files under `folder` in sorted order, not descending into hidden folders (.git) or __pycache__."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.isfile(os.path.join(root, name)):
+                yield Path(root, name)
+
+
 def find_sources(paths: list[str] | None = None) -> list[Source]:
     """Files behind `paths` (None: the stdlib). Folders are walked recursively in sorted order,
     skipping hidden entries, __pycache__ and files that look binary (a NUL byte in the first 8 KiB);
@@ -82,13 +91,10 @@ def find_sources(paths: list[str] | None = None) -> list[Source]:
         if path.is_file():
             sources.append(Source(path, path.name, _kind(path)))
         elif path.is_dir():
-            for p in sorted(path.rglob("*")):
-                rel = p.relative_to(path)
-                if any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or not p.is_file():
-                    continue
+            for p in _walk(path):
                 if _kind(p) == "text" and _looks_binary(p):
                     continue
-                sources.append(Source(p, rel.as_posix(), _kind(p)))
+                sources.append(Source(p, p.relative_to(path).as_posix(), _kind(p)))
         else:
             raise DataError(f"{raw}: no such file or folder (give text/source files, folders, .jsonl or .parquet)")
     return sources
@@ -150,19 +156,6 @@ def iter_documents(sources: list[Source]) -> Iterator[tuple[str, str]]:
             yield source.key, _read_bytes(source.path).decode("utf-8", errors="replace")
 
 
-def training_texts(sources: list[Source], max_bytes: int) -> Iterator[str]:
-    """The first `max_bytes` (UTF-8) of documents outside the validation hash range, in source order:
-    a deterministic sample for tokenizer training. (Only documents that val_threshold adds to reach
-    MIN_VAL_DOCS in a tiny corpus can slip in; it avoids reading the corpus twice.)"""
-    seen = 0
-    for key, text in iter_documents(sources):
-        if seen >= max_bytes:
-            return
-        if text and key_hash(key) > VAL_FRACTION:
-            seen += len(text.encode("utf-8"))
-            yield text
-
-
 # ---- train / validation split ----------------------------------------------------------------------
 
 
@@ -178,6 +171,19 @@ def val_threshold(hashes: np.ndarray) -> float:
         raise DataError(f"the corpus has {n} document(s); need at least 2 (some are held out for validation)")
     k = min(MIN_VAL_DOCS, n - 1)
     return max(VAL_FRACTION, float(np.partition(hashes, k - 1)[k - 1]))
+
+
+def training_texts(sources: list[Source], max_bytes: int) -> Iterator[str]:
+    """The first `max_bytes` (UTF-8) of documents outside the validation hash range, in source order:
+    a deterministic sample for tokenizer training. (Only documents that val_threshold adds to reach
+    MIN_VAL_DOCS in a tiny corpus can slip in; it avoids reading the corpus twice.)"""
+    seen = 0
+    for key, text in iter_documents(sources):
+        if seen >= max_bytes:
+            return
+        if text and key_hash(key) > VAL_FRACTION:
+            seen += len(text.encode("utf-8"))
+            yield text
 
 
 # ---- the tokenised corpus, cached ------------------------------------------------------------------
@@ -314,7 +320,7 @@ def _save_corpus(corpus: TokenizedCorpus, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-# ---- fill-in-the-middle (DeepSeek-Coder 3.1; Bavarian et al. 2022, "Efficient Training of Language
+# ---- fill-in-the-middle (DeepSeek-Coder 3.1.2; Bavarian et al. 2022, "Efficient Training of Language
 # Models to Fill in the Middle") --------------------------------------------------------------------
 
 
@@ -336,9 +342,9 @@ def fim_transform(text: str, rng: random.Random, rate: float = FIM_RATE) -> FimP
 def fim_ids(pieces: FimPieces, tokenizer: Tokenizer) -> list[int]:
     """PSM layout: <fim_begin> prefix <fim_hole> suffix <fim_end> middle. Each piece is tokenised on
     its own, as at inference, where the model sees exactly these boundaries."""
-    return ([tokenizer.fim_begin_id] + tokenizer.encode(pieces.prefix)
-            + [tokenizer.fim_hole_id] + tokenizer.encode(pieces.suffix)
-            + [tokenizer.fim_end_id] + tokenizer.encode(pieces.middle))
+    prefix, suffix, middle = tokenizer.encode_batch([pieces.prefix, pieces.suffix, pieces.middle])
+    return ([tokenizer.fim_begin_id] + prefix + [tokenizer.fim_hole_id] + suffix
+            + [tokenizer.fim_end_id] + middle)
 
 
 def fim_rng(seed: int, epoch: int, doc: int) -> random.Random:
@@ -365,6 +371,8 @@ class PackedLoader:
                  seed: int = 0, rank: int = 0, world_size: int = 1, fim_rate: float = FIM_RATE):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be positive")
         if len(corpus.train_docs) == 0:
             raise DataError("the corpus has no training documents")
         self.corpus, self.tokenizer = corpus, tokenizer
@@ -416,8 +424,8 @@ class PackedLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.seq_len
         rows_RT1 = self._take(self.world_size * self.batch_size * (T + 1)).reshape(-1, T + 1)
-        rows_BT1 = torch.from_numpy(rows_RT1[self.rank::self.world_size].copy())
-        return rows_BT1[:, :-1], rows_BT1[:, 1:]
+        rows_BT1 = torch.from_numpy(rows_RT1[self.rank::self.world_size])
+        return rows_BT1[:, :-1].contiguous(), rows_BT1[:, 1:].contiguous()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "doc_pos": self.doc_pos, "token_pos": self.token_pos,
@@ -438,13 +446,14 @@ class PackedLoader:
 # ---- validation ------------------------------------------------------------------------------------
 
 
-def val_rows(corpus: TokenizedCorpus, eos_id: int, seq_len: int) -> np.ndarray:
-    """The held-out documents in corpus order, EOS after each, as rows [R, T + 1] (tail dropped)."""
+def val_rows(corpus: TokenizedCorpus, eos_id: int, seq_len: int, world_size: int = 1) -> np.ndarray:
+    """The held-out documents in corpus order, EOS after each, as rows [R, T + 1]; the tail is
+    dropped, and R is a multiple of world_size so every rank runs the same number of batches."""
     docs = corpus.val_docs
     stream_N = np.concatenate([np.append(corpus.doc(d).astype(np.int64), eos_id) for d in docs])
-    num_rows = len(stream_N) // (seq_len + 1)
+    num_rows = len(stream_N) // (seq_len + 1) // world_size * world_size
     if num_rows == 0:
-        raise DataError(f"the validation split has {len(stream_N)} tokens, fewer than one row of "
+        raise DataError(f"the validation split has {len(stream_N)} tokens, fewer than {world_size} row(s) of "
                         f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len or a larger corpus")
     return stream_N[:num_rows * (seq_len + 1)].reshape(num_rows, seq_len + 1)
 
@@ -452,14 +461,14 @@ def val_rows(corpus: TokenizedCorpus, eos_id: int, seq_len: int) -> np.ndarray:
 def val_batches(corpus: TokenizedCorpus, tokenizer: Tokenizer, batch_size: int, seq_len: int,
                 rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every validation row once, no FIM, same order every time; rank r takes rows r, r + W, ..."""
-    rows_RT1 = torch.from_numpy(val_rows(corpus, tokenizer.eos_id, seq_len)[rank::world_size].copy())
+    rows_RT1 = torch.from_numpy(val_rows(corpus, tokenizer.eos_id, seq_len, world_size)[rank::world_size])
     for start in range(0, len(rows_RT1), batch_size):
         rows_BT1 = rows_RT1[start:start + batch_size]
-        yield rows_BT1[:, :-1], rows_BT1[:, 1:]
+        yield rows_BT1[:, :-1].contiguous(), rows_BT1[:, 1:].contiguous()
 
 
-def val_bytes_per_token(corpus: TokenizedCorpus, tokenizer: Tokenizer, seq_len: int) -> float:
+def val_bytes_per_token(corpus: TokenizedCorpus, tokenizer: Tokenizer, seq_len: int, world_size: int = 1) -> float:
     """UTF-8 bytes per target token over exactly the rows val_batches yields (all ranks together);
     control tokens (EOS) count as tokens with 0 bytes. bits/byte = mean loss / ln 2 / this."""
-    targets = val_rows(corpus, tokenizer.eos_id, seq_len)[:, 1:]
+    targets = val_rows(corpus, tokenizer.eos_id, seq_len, world_size)[:, 1:]
     return float(np.asarray(tokenizer.token_bytes(), dtype=np.int64)[targets].sum()) / targets.size

@@ -8,7 +8,7 @@ before merging (DeepSeek LLM 2.1, following LLaMA), which keeps arithmetic tasks
 Token ids 0..12 are fixed, in the order of SPECIAL_TOKENS + TEXT_TOKENS, whatever the vocab size:
 
     <|bos|> <|eos|> <|pad|>                   document / sequence control
-    <|fim_begin|> <|fim_hole|> <|fim_end|>    fill-in-the-middle (DeepSeek-Coder 3.1, see data.py)
+    <|fim_begin|> <|fim_hole|> <|fim_end|>    fill-in-the-middle (DeepSeek-Coder 3.1.2, see data.py)
     <|system|> <|user|> <|assistant|>         chat roles
     <think> </think> <answer> </answer>       reasoning markup: ordinary (non-special) added tokens,
                                               so they survive decode(skip_special_tokens=True) and

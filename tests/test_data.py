@@ -209,6 +209,7 @@ def test_packing_is_documents_in_seeded_order_joined_by_eos(corpus, tok):
     assert np.array_equal(stream[:len(expected)], expected)
     x, y = next(loader)
     assert x.shape == y.shape == (2, 16) and x.dtype == torch.long
+    assert x.is_contiguous() and y.is_contiguous()  # callers may .view(-1) the targets
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
@@ -285,8 +286,13 @@ def test_validation_batches_are_fixed_and_cover_the_held_out_documents(corpus, t
     rows = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in first]).flatten().numpy()
     assert len(val_stream) - 17 < len(rows) <= len(val_stream)  # all of it but the tail of a row
     assert np.array_equal(rows, val_stream[:len(rows)])
-    sharded = [torch.cat([x for x, _ in data.val_batches(corpus, tok, 4, 16, rank=r, world_size=2)]) for r in range(2)]
-    assert torch.equal(sharded[0], torch.cat([x for x, _ in first])[0::2])
+    all_rows = torch.cat([x for x, _ in first])
+    assert len(all_rows) % 5 != 0  # so that the ranks below would get unequal shares if not trimmed
+    sharded = [list(data.val_batches(corpus, tok, 4, 16, rank=r, world_size=5)) for r in range(5)]
+    assert len({len(batches) for batches in sharded}) == 1  # same count on every rank: no collective hangs
+    for r in range(5):
+        assert torch.equal(torch.cat([x for x, _ in sharded[r]]), all_rows[:len(all_rows) // 5 * 5][r::5])
+    assert first[0][0].is_contiguous() and first[0][1].is_contiguous()
 
 
 def test_val_bytes_per_token_matches_the_text(corpus, tok):
