@@ -293,6 +293,7 @@ def test_sigkill_mid_write_never_leaves_latest_pointing_at_an_incomplete_checkpo
     rng = random.Random(0)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     ckdir = tmp_path / "checkpoints"
+    killed_mid_write = 0
     for run in range(5):
         proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path), str(run * 1000)],
                                 stdout=subprocess.PIPE, env=env, text=True)
@@ -300,9 +301,11 @@ def test_sigkill_mid_write_never_leaves_latest_pointing_at_an_incomplete_checkpo
         time.sleep(rng.uniform(0.05, 0.6))  # each save of ~24 MB takes ~0.1 s here: land mid-write
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        killed_mid_write += any(p.name.startswith(".tmp_step_") for p in ckdir.iterdir())
         named = (ckdir / "latest").read_text().strip() if (ckdir / "latest").exists() else None
         if named is not None:
             verify_checkpoint(ckdir / named)  # raises if `latest` names anything incomplete
+    assert killed_mid_write >= 1, "no kill landed mid-write: the test did not test anything"
     mgr = manager(tmp_path)  # cleans the killed writers' leftovers
     assert not [p for p in ckdir.iterdir() if p.name.startswith(".")]
     assert mgr.latest() is not None
@@ -315,3 +318,19 @@ def test_should_save_by_steps_or_minutes():
     assert should_save(101, every_steps=50, every_minutes=5, last_save_time=0.0, now=300.0)
     assert not should_save(101, every_steps=50, every_minutes=5, last_save_time=0.0, now=299.0)
     assert not should_save(7, every_steps=None, every_minutes=None, last_save_time=0.0)
+
+
+def test_default_model_writer_is_nanoseek_hf(tmp_path):
+    # The contract with nanoseek.hf: save_hf(path, config, state_dict), load_hf(path) -> (config, state_dict).
+    from nanoseek.config import ModelConfig
+    from nanoseek.model import Transformer
+
+    config = ModelConfig.from_name("tiny")
+    torch.manual_seed(0)
+    model_state = Transformer(config).state_dict()
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(7, model_state=model_state, model_meta=config, state={"step": 7}, blocking=True)
+    assert (tmp_path / "checkpoints" / "step_000007" / "model" / "config.json").is_file()
+    loaded = mgr.load()
+    assert loaded["model_meta"] == config and loaded["state"] == {"step": 7}
+    assert_same(dict(sorted(model_state.items())), dict(sorted(loaded["model_state"].items())))
