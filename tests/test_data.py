@@ -75,6 +75,8 @@ def test_text_jsonl_parquet_and_folders(tmp_path, tok):
     pq.write_table(pa.table({"text": ["row one", "row two"], "n": [1, 2]}), tmp_path / "c.parquet")
     (tmp_path / "bad.bin").write_bytes(b"\x00\x01binary")  # skipped inside folders: looks binary
     (tmp_path / ".hidden").write_text("skipped")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("skipped: hidden folders are not walked")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8: U+FFFD, said in docs
     docs = dict(data.iter_documents(data.find_sources([str(tmp_path)])))
     assert docs == {"a.txt": "plain text", "b.jsonl:1": "first", "b.jsonl:3": "second",
