@@ -174,8 +174,8 @@ class Tokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # Rust-side parallel encoding (uses all cores); what corpus tokenisation goes through.
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        # Rust-side parallel encoding over all cores; the _fast variant skips offsets (~25% quicker).
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
