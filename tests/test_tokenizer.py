@@ -98,7 +98,11 @@ def test_save_load_round_trip(tok, hf_dir):
         Tokenizer.load(hf_dir.parent / "missing")
 
 
-def test_transformers_loads_it_with_identical_ids(tok, hf):
+def test_transformers_loads_it_with_identical_ids(tok, hf, hf_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast.from_pretrained(hf_dir)
+    assert fast.encode(SAMPLE[2]) == tok.encode(SAMPLE[2]) and fast.eos_token_id == tok.eos_id
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert len(hf) == tok.vocab_size
     for text in TRICKY + SAMPLE[:4]:
