@@ -1,7 +1,6 @@
 """Data: sources and their errors, val split, cache, FIM, packing, the resumable sharded loader."""
 
 import json
-import os
 import random
 import sysconfig
 from pathlib import Path
