@@ -1,0 +1,572 @@
+"""Batched generation on the latent cache: continuous batching, sampling, MTP speculative decoding.
+
+Shape legend (suffixes): N active rows (sequences)   V vocab   T new tokens per row   D hidden
+
+How a sequence sits in the engine. The cache (`LatentCache`, one row per slot) holds the latents of every token
+of a row at the slot equal to its position. A row's prompt occupies positions 0..L-1; its k-th generated token
+sits at position L+k. The newest generated token (`last`) is not in the cache yet: the next step feeds it.
+
+    prefill   fresh prompts, expanded MLA (`prefill=True`), right-padded to the group's longest prompt; the
+              padding's latents land in slots that only queries at later positions could see, and those slots
+              are rewritten (at their own position) before any such query runs.
+    decode    `last` of every active row at its position, absorbed MLA over the cache (`prefill=False`).
+    speculate [last, draft] at [pos, pos+1] in one absorbed forward; the MTP module proposed the draft
+              (DeepSeek-V3 sec. 2.2 and 5.4.3). A rejected draft's latents stay in slot pos+1 and are rewritten
+              by the next step before any query at a position >= pos+1 reads them.
+
+Active rows are kept compact (rows 0..N-1 of the cache): a finished row is refilled by moving the last row into
+it, so every step runs on a view of the cache with no gather (the absorbed path would otherwise copy the cached
+latents of the rows it reads, every layer, every step). Requests join between steps (continuous batching).
+
+Per step there is one host sync: the new tokens (and for speculation the accept counts) come back in one
+`.tolist()`. Text (detokenisation, stop strings, streaming) is then per request, in Python.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import LatentCache, Transformer
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+class QueueFull(RuntimeError):
+    """More requests waiting than the engine's max_queue allows; retry later (HTTP 429)."""
+
+
+# --------------------------------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: tuple[str, ...] = ()  # stop strings, matched on decoded text and trimmed from it
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def sampling_probs(logits_NV: Tensor, temperature_N: Tensor, top_k_N: Tensor, top_p_N: Tensor,
+                   filtered: bool = True) -> Tensor:
+    """The distribution each row samples from: softmax(logits / T) restricted to the top-k tokens and to the
+    smallest set whose mass reaches top_p (Holtzman et al. 2019), renormalised. Greedy rows (T = 0) get a one-hot
+    at the argmax, so greedy and sampled rows share every code path below and greedy stays exact."""
+    V = logits_NV.shape[-1]
+    greedy_N = temperature_N <= 0
+    x_NV = logits_NV.float() / torch.where(greedy_N, 1.0, temperature_N)[:, None]
+    if filtered:
+        sorted_NV, order_NV = x_NV.sort(-1, descending=True)
+        rank_V = torch.arange(V, device=x_NV.device)
+        drop_NV = rank_V >= torch.where(top_k_N > 0, top_k_N, V)[:, None]
+        p_NV = sorted_NV.masked_fill(drop_NV, float("-inf")).softmax(-1)
+        drop_NV |= (p_NV.cumsum(-1) - p_NV) >= top_p_N[:, None]  # mass before a token already reaches p
+        x_NV = torch.full_like(x_NV, float("-inf")).scatter(-1, order_NV, sorted_NV.masked_fill(drop_NV, float("-inf")))
+    probs_NV = x_NV.softmax(-1)
+    onehot_NV = F.one_hot(logits_NV.argmax(-1), V).to(probs_NV.dtype)
+    return torch.where(greedy_N[:, None], onehot_NV, probs_NV)
+
+
+def sample_from(probs_NV: Tensor, u_N: Tensor) -> Tensor:
+    """Inverse-CDF sampling with one uniform per row: the first token whose cumulative mass exceeds u * total.
+    Zero-probability tokens are never chosen; a one-hot row returns its hot index whatever u is."""
+    cdf_NV = probs_NV.cumsum(-1)
+    idx_N = torch.searchsorted(cdf_NV, (u_N * cdf_NV[:, -1])[:, None].contiguous(), right=True).squeeze(1)
+    return idx_N.clamp_max(probs_NV.shape[-1] - 1)
+
+
+def speculative_accept(p_NV: Tensor, q_NV: Tensor, draft_N: Tensor, u_accept_N: Tensor,
+                       u_resample_N: Tensor) -> tuple[Tensor, Tensor]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): keep the draft x ~ q with probability
+    min(1, p(x) / q(x)), else draw from norm(max(p - q, 0)). The result is distributed exactly as p.
+    Returns (token_N, accepted_N)."""
+    pd_N = p_NV.gather(1, draft_N[:, None]).squeeze(1)
+    qd_N = q_NV.gather(1, draft_N[:, None]).squeeze(1)
+    accepted_N = u_accept_N * qd_N < pd_N  # u < p/q without dividing; q(x) > 0 since x was drawn from q
+    residual_NV = (p_NV - q_NV).clamp_min(0)
+    residual_NV = torch.where(residual_NV.sum(-1, keepdim=True) > 0, residual_NV, p_NV)
+    return torch.where(accepted_N, draft_N, sample_from(residual_NV, u_resample_N)), accepted_N
+
+
+# --------------------------------------------------------------------------------------------------- requests
+class Request:
+    """One sequence: its prompt, what it produced so far, and whom to tell. `on_delta(request, text)` gets each
+    new piece of decoded text (a stop string is never streamed, not even partly); `on_finish(request)` is called
+    once, after the last delta. Both run on the engine's thread: keep them short."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams | None = None, *,
+                 on_delta: Callable[[Request, str], None] | None = None,
+                 on_finish: Callable[[Request], None] | None = None):
+        self.prompt = [int(t) for t in prompt]
+        self.params = params or SamplingParams()
+        self.on_delta, self.on_finish = on_delta, on_finish
+        self.output: list[int] = []
+        self.text = ""  # decoded output; a matched stop string and what follows are trimmed
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.drafted = self.accepted = 0  # speculative decoding counts for this request
+        self.done = threading.Event()
+        self.generator = None
+        if not self.params.greedy:
+            seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+            self.generator = torch.Generator().manual_seed(seed)
+        self._emitted = 0  # chars of text delivered through on_delta
+        self._prefix = self._read = 0  # incremental detokenisation offsets (as in HF text-generation-inference)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it frees the slot before its next step."""
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def _uniforms(self, k: int) -> Tensor:
+        if self.generator is None:
+            return torch.zeros(k)
+        return torch.rand(k, generator=self.generator)
+
+    def _detok(self, tokenizer) -> str:
+        # Decode a window that starts a few tokens back so that merges across token boundaries are right, and hold
+        # back while the text ends in an incomplete UTF-8 sequence (byte-level BPE splits characters).
+        ids = self.output
+        before = tokenizer.decode(ids[self._prefix:self._read], skip_special_tokens=True)
+        after = tokenizer.decode(ids[self._prefix:], skip_special_tokens=True)
+        if after.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(ids)
+        return after[len(before):]
+
+    def _append(self, tokens: list[int], eos_id: int | None, tokenizer, max_len: int) -> None:
+        p = self.params
+        for t in tokens:
+            if self.finished:
+                break
+            if t == eos_id and not p.ignore_eos:
+                self._finish(FINISH_STOP)
+                break
+            self.output.append(t)
+            if tokenizer is not None:
+                start = max(0, len(self.text) - max((len(s) for s in p.stop), default=1) + 1)
+                self.text += self._detok(tokenizer)
+                hits = [i for i in (self.text.find(s, start) for s in p.stop) if i >= 0]
+                if hits:
+                    self.text = self.text[:min(hits)]
+                    self._finish(FINISH_STOP)
+                    break
+            if len(self.output) >= p.max_tokens or len(self.prompt) + len(self.output) >= max_len:
+                self._finish(FINISH_LENGTH)
+        self._deliver()
+
+    def _finish(self, reason: str) -> None:
+        if not self.finished:
+            self.finish_reason = reason
+
+    def _deliver(self) -> None:
+        safe = len(self.text)
+        if not self.finished:  # hold back a tail that could be the start of a stop string
+            for s in self.params.stop:
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        safe = min(safe, len(self.text) - k)
+                        break
+        if safe > self._emitted and self.on_delta is not None:
+            self.on_delta(self, self.text[self._emitted:safe])
+        self._emitted = max(self._emitted, safe)
+        if self.finished and not self.done.is_set():
+            if self.on_finish is not None:
+                self.on_finish(self)
+            self.done.set()
+
+
+@dataclass
+class EngineStats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    generated: int = 0  # tokens produced by decode steps (prefill's first token not counted)
+    drafted: int = 0
+    accepted: int = 0
+    finished: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "finished"}
+        return {**d, "finished": dict(self.finished), "acceptance": self.acceptance}
+
+
+# --------------------------------------------------------------------------------------------------- the engine
+class Engine:
+    """A fixed number of slots (`max_batch`) over one preallocated latent cache of `max_len` positions per slot.
+    `submit` queues requests (thread-safe); `step` admits waiting requests into free slots (prefill) and advances
+    every active one by one decode (or speculative) step. Run `step` yourself (`generate`, `stream`) or let
+    `start()` run it on a background thread (the server)."""
+
+    def __init__(self, model: Transformer, tokenizer=None, *, max_batch: int = 8, max_len: int | None = None,
+                 speculative: bool = False, max_queue: int | None = None, prefill_tokens: int = 8192):
+        self.model = model.eval()
+        self.config = c = model.config
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else c.eos_token_id
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        self.max_len = int(max_len or c.max_position_embeddings)
+        if speculative and not model.mtp:
+            raise ValueError("speculative decoding drafts with the MTP module, and this model has none "
+                             "(num_nextn_predict_layers = 0); run without speculation")
+        self.speculative = speculative
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        # +1 slot: a speculative step writes its draft one position past the last token it may keep.
+        self.cache = LatentCache.allocate(c, max_batch, self.max_len + 1, dtype=self.dtype, device=self.device,
+                                          with_mtp=speculative)
+        z = lambda dt: torch.zeros(max_batch, dtype=dt, device=self.device)  # noqa: E731
+        self.last, self.pos, self.draft = z(torch.long), z(torch.long), z(torch.long)
+        self.temperature, self.top_k, self.top_p = z(torch.float32), z(torch.long), z(torch.float32)
+        self.draft_q = torch.zeros(max_batch, c.vocab_size if speculative else 1, device=self.device)
+        self.rows: list[Request] = []  # active requests; rows[i] owns cache row i
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.stats = EngineStats()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # ------------------------------------------------------------------------------------------------ public
+    def submit(self, *requests: Request) -> None:
+        """Queue requests (all or none). Raises ValueError for a prompt that does not fit, QueueFull when
+        max_queue requests are already waiting."""
+        for r in requests:
+            if not r.prompt:
+                raise ValueError("empty prompt: give at least one token")
+            if len(r.prompt) >= self.max_len:
+                raise ValueError(f"prompt of {len(r.prompt)} tokens does not fit the context of {self.max_len} "
+                                 f"tokens (at least one must be left to generate)")
+            if max(r.prompt) >= self.config.vocab_size or min(r.prompt) < 0:
+                raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        with self._cv:
+            if self.max_queue is not None and len(self.waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests already waiting (max_queue={self.max_queue})")
+            self.waiting.extend(requests)
+            self._cv.notify_all()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Request]:
+        """Run prompts to completion on the calling thread (or wait for the background loop) and return them."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [Request(p, sp) for p, sp in zip(prompts, params)]
+        self.submit(*reqs)
+        while not all(r.finished for r in reqs):
+            if self._thread is None:
+                self.step()
+            else:
+                next(r for r in reqs if not r.finished).wait(1.0)
+        return reqs
+
+    def stream(self, request: Request) -> Iterator[str]:
+        """Text deltas of `request` as they are produced (its on_delta/on_finish are taken over); closing the
+        iterator early cancels the request and frees its slot."""
+        import queue
+
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        request.on_delta, request.on_finish = (lambda r, d: q.put(d)), (lambda r: q.put(None))
+        self.submit(request)
+        try:
+            while True:
+                if self._thread is None and q.empty():
+                    self.step()
+                    continue
+                delta = q.get()
+                if delta is None:
+                    return
+                yield delta
+        finally:
+            request.cancel()
+
+    def start(self) -> None:
+        """Run the scheduler on a background thread until stop()."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and not self.rows:
+                    self._cv.wait()
+                if self._stop:
+                    break
+            self.step()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def cache_report(self) -> dict:
+        """Cache bytes per token over all main layers, against a per-head K/V cache of the same model and dtype."""
+        c = self.config
+        elt = self.cache.kv.element_size()
+        latent = c.latent_cache_dim * elt * c.num_hidden_layers
+        per_head = c.kv_cache_dim * elt * c.num_hidden_layers
+        return {"latent_bytes_per_token": latent, "kv_bytes_per_token": per_head, "ratio": per_head / latent,
+                "mtp_bytes_per_token": c.latent_cache_dim * elt * (self.cache.kv.shape[0] - c.num_hidden_layers),
+                "allocated_bytes": self.cache.kv.nbytes + self.cache.pe.nbytes}
+
+    # ------------------------------------------------------------------------------------------------ scheduler
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Drop cancelled requests, admit waiting ones into free slots, advance every active row once."""
+        with self._cv:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                self._end(r, FINISH_CANCELLED)
+            for r in self.rows:
+                if r.cancelled and not r.finished:
+                    self._end(r, FINISH_CANCELLED)
+            self._compact()
+            admit = []
+            while self.waiting and len(self.rows) + len(admit) < self.max_batch:
+                admit.append(self.waiting.popleft())
+        if admit:
+            self._prefill(admit)
+            self._compact()
+        if self.rows:
+            self._speculate() if self.speculative else self._decode()
+            self._compact()
+
+    def _end(self, r: Request, reason: str) -> None:
+        r._finish(reason)
+        r._deliver()
+
+    def _view(self, start: int, stop: int) -> LatentCache:
+        return LatentCache(self.cache.kv[:, start:stop], self.cache.pe[:, start:stop])
+
+    def _compact(self) -> None:
+        """Keep active rows at 0..N-1: move the last live rows into the holes finished ones left."""
+        rows = self.rows
+        for r in rows:
+            if r.finished:
+                self.stats.finished[r.finish_reason] += 1
+        keep = [i for i, r in enumerate(rows) if not r.finished]
+        n = len(keep)
+        if n == len(rows):
+            return
+        holes = [i for i in range(n) if rows[i].finished]
+        movers = [j for j in keep if j >= n]
+        if movers:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            S = max(len(rows[j].prompt) + len(rows[j].output) for j in movers) + 1
+            self.cache.kv[:, dst, :S] = self.cache.kv[:, src, :S]
+            self.cache.pe[:, dst, :S] = self.cache.pe[:, src, :S]
+            for t in (self.last, self.pos, self.draft, self.temperature, self.top_k, self.top_p, self.draft_q):
+                t[dst] = t[src]
+        new = rows[:n]
+        for i, j in zip(holes, movers):
+            new[i] = rows[j]
+        self.rows = new
+
+    def _uniforms(self, rows: list[Request], k: int) -> Tensor:
+        # One torch.Generator per request keeps seeded output reproducible whatever else shares the batch; a
+        # tensor op cannot draw from several generators, hence this loop over requests (not over tokens).
+        if all(r.generator is None for r in rows):
+            return torch.zeros(len(rows), k, device=self.device)
+        return torch.stack([r._uniforms(k) for r in rows]).to(self.device)
+
+    def _probs(self, logits_NV: Tensor, a: int, b: int, rows: list[Request], repeat: int = 1) -> Tensor:
+        filtered = any(not r.params.greedy and (r.params.top_k > 0 or r.params.top_p < 1) for r in rows)
+        rep = lambda t: t[a:b].repeat_interleave(repeat)  # noqa: E731
+        return sampling_probs(logits_NV, rep(self.temperature), rep(self.top_k), rep(self.top_p), filtered)
+
+    def _pick(self, logits_NV: Tensor, a: int, b: int, rows: list[Request], u_N: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Next tokens for rows a..b (and their distributions, when speculation needs them)."""
+        if all(r.generator is None for r in rows) and not self.speculative:
+            return logits_NV.argmax(-1), None
+        probs_NV = self._probs(logits_NV, a, b, rows)
+        return sample_from(probs_NV, u_N), probs_NV
+
+    def _prefill(self, admit: list[Request]) -> None:
+        # Groups of prompts padded to their longest, bounded by prefill_tokens (the logits are [B, T, V]).
+        admit = sorted(admit, key=lambda r: len(r.prompt))
+        groups, cur = [], []
+        for r in admit:
+            if cur and (len(cur) + 1) * len(r.prompt) > self.prefill_tokens:
+                groups.append(cur)
+                cur = []
+            cur.append(r)
+        groups.append(cur)
+        for group in groups:
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[Request]) -> None:
+        t0 = time.perf_counter()
+        a, k = len(self.rows), len(group)
+        b = a + k
+        self.rows.extend(group)
+        for i, r in enumerate(group):
+            p = r.params
+            self.temperature[a + i], self.top_k[a + i], self.top_p[a + i] = (
+                0.0 if p.greedy else p.temperature, p.top_k, p.top_p)
+        lens = torch.tensor([len(r.prompt) for r in group], device=self.device)
+        T = int(max(len(r.prompt) for r in group))
+        ids_BT = torch.zeros(k, T, dtype=torch.long, device=self.device)
+        for i, r in enumerate(group):
+            ids_BT[i, : len(r.prompt)] = torch.tensor(r.prompt)
+        pos_BT = torch.arange(T, device=self.device).expand(k, T)
+        view = self._view(a, b)
+        logits_BTV, h_BTD = self.model(ids_BT, positions=pos_BT, cache=view, prefill=True, return_hidden=True)
+        ar = torch.arange(k, device=self.device)
+        u = self._uniforms(group, 2)
+        first, _ = self._pick(logits_BTV[ar, lens - 1], a, b, group, u[:, 0])
+        self.last[a:b], self.pos[a:b] = first, lens
+        if self.speculative:
+            # The MTP module needs its own cache layer filled over the prompt: pairs (h_j, t_{j+1}), j < L, where
+            # t_L is the token just sampled. Its prediction at j = L-1 is the draft for position L+1.
+            nxt_BT = torch.cat([ids_BT[:, 1:], ids_BT[:, :1]], dim=1)
+            nxt_BT[ar, lens - 1] = first
+            mtp_logits, _ = self.model.mtp_forward(1, h_BTD, nxt_BT, pos_BT, cache=view, prefill=True)
+            self.draft[a:b], self.draft_q[a:b] = self._pick(mtp_logits[ar, lens - 1], a, b, group, u[:, 1])
+        tokens = first.tolist()
+        self.stats.prefill_tokens += int(sum(len(r.prompt) for r in group))
+        self.stats.prefill_s += time.perf_counter() - t0
+        for r, t in zip(group, tokens):
+            r._append([t], self.eos_id, self.tokenizer, self.max_len)
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
+        rows, n = self.rows, len(self.rows)
+        logits_NV = self.model(self.last[:n, None], positions=self.pos[:n, None], cache=self._view(0, n))[:, 0]
+        nxt, _ = self._pick(logits_NV, 0, n, rows, self._uniforms(rows, 1)[:, 0])
+        self.last[:n] = nxt
+        self.pos[:n] += 1
+        tokens = nxt.tolist()
+        self.stats.decode_steps += 1
+        self.stats.generated += n
+        self.stats.decode_s += time.perf_counter() - t0
+        for r, t in zip(rows, tokens):
+            r._append([t], self.eos_id, self.tokenizer, self.max_len)
+
+    def _speculate(self) -> None:
+        """One draft token per row from MTP depth 1, verified by the main model in one absorbed forward over
+        [last, draft]; then the MTP module runs on the two new positions to draft the next step."""
+        t0 = time.perf_counter()
+        rows, n = self.rows, len(self.rows)
+        view = self._view(0, n)
+        last, pos, draft, q_NV = self.last[:n], self.pos[:n], self.draft[:n], self.draft_q[:n]
+        pos_N2 = torch.stack([pos, pos + 1], dim=1)
+        logits_N2V, h_N2D = self.model(torch.stack([last, draft], dim=1), positions=pos_N2, cache=view,
+                                       return_hidden=True)
+        u = self._uniforms(rows, 4)
+        p_N2V = self._probs(logits_N2V.flatten(0, 1), 0, n, rows, repeat=2).view(n, 2, -1)
+        first, accepted = speculative_accept(p_N2V[:, 0], q_NV, draft, u[:, 0], u[:, 1])
+        bonus = sample_from(p_N2V[:, 1], u[:, 2])  # p(. | last, draft): only kept when the draft was accepted
+        n_new = 1 + accepted.long()
+        # MTP at pos (h_pos, t_{pos+1}) and pos+1 (h_{pos+1}, t_{pos+2}); the second is garbage for rejected rows
+        # (its latents are rewritten next step) and the draft comes from the last position actually kept.
+        mtp_logits, _ = self.model.mtp_forward(1, h_N2D, torch.stack([first, bonus], dim=1), pos_N2, cache=view)
+        ar = torch.arange(n, device=self.device)
+        new_draft, new_q = self._pick(mtp_logits[ar, n_new - 1], 0, n, rows, u[:, 3])
+        self.last[:n] = torch.where(accepted, bonus, first)
+        self.pos[:n] += n_new
+        self.draft[:n], self.draft_q[:n] = new_draft, new_q
+        out = torch.stack([first, bonus, n_new], dim=1).tolist()
+        self.stats.decode_steps += 1
+        self.stats.decode_s += time.perf_counter() - t0
+        for r, (t1, t2, k) in zip(rows, out):
+            before = len(r.output)
+            r.drafted += 1
+            r.accepted += k - 1
+            r._append([t1, t2][:k], self.eos_id, self.tokenizer, self.max_len)
+            self.stats.generated += len(r.output) - before
+        self.stats.drafted += n
+        self.stats.accepted += int(sum(o[2] for o in out)) - n
+
+
+# --------------------------------------------------------------------------------------------------- loading
+def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
+    """(HF model folder, tokenizer folder or None) from either an HF folder or a run dir (whose
+    `checkpoints/latest` names `checkpoints/step_NNNNNN/`, with the HF folder in `model/` and the tokenizer in
+    the run dir's `tokenizer/`)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        model_dir = path
+    elif (path / "checkpoints").is_dir():
+        ckpts = path / "checkpoints"
+        named = (ckpts / "latest").read_text().strip() if (ckpts / "latest").is_file() else ""
+        candidates = ([ckpts / named] if named else []) + sorted(ckpts.glob("step_*"), reverse=True)
+        model_dir = next((c / "model" for c in candidates if (c / "model" / "config.json").is_file()), None)
+        if model_dir is None:
+            raise FileNotFoundError(f"{path} is a run dir but none of its checkpoints has a model/config.json; "
+                                    f"train first or pass an HF model folder")
+    else:
+        raise FileNotFoundError(f"{path}: expected an HF model folder (config.json + *.safetensors) or a run dir "
+                                f"(with checkpoints/latest)")
+    tok = None
+    for d in [model_dir, *list(model_dir.parents)[:4]]:
+        for cand in (d, d / "tokenizer"):
+            if (cand / "tokenizer.json").is_file():
+                tok = cand
+                break
+        if tok is not None:
+            break
+    return model_dir, tok
+
+
+def load(path: str | Path, *, tokenizer: str | Path | None = None, dtype: torch.dtype | None = None,
+         device: str = "cpu"):
+    """(model, tokenizer) from an HF folder or a run dir; the tokenizer is looked up beside the model unless given."""
+    from .tokenizer import Tokenizer
+
+    model_dir, tok_dir = resolve_model_dir(path)
+    tok_dir = Path(tokenizer) if tokenizer is not None else tok_dir
+    if tok_dir is None:
+        raise FileNotFoundError(f"no tokenizer.json found beside {model_dir}; pass --tokenizer DIR")
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    tok = Tokenizer.load(tok_dir)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer at {tok_dir} has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
+    return model, tok
