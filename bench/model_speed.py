@@ -3,6 +3,7 @@ same config and weights, in one run, fp32 and bf16, plus the fraction of this ma
 
     python bench/model_speed.py                 # the config, 16 and 64 routed experts
     python bench/model_speed.py --steps 5 --experts 16
+    python bench/model_speed.py --compile       # nanoseek under torch.compile (transformers eager)
 
 bf16 means parameters, activations and optimizer state in bfloat16 for both models (the same treatment).
 Timings alternate between the two models so that machine noise hits both; the ratio is what to read.
@@ -54,7 +55,7 @@ def make_step(model, ids, targets, is_hf: bool):
     return step
 
 
-def run(experts: int, dtype: torch.dtype, steps: int, batch: int, seq: int, tmp: str) -> dict:
+def run(experts: int, dtype: torch.dtype, steps: int, batch: int, seq: int, tmp: str, compile_: bool) -> dict:
     import transformers
 
     torch.manual_seed(0)
@@ -69,12 +70,17 @@ def run(experts: int, dtype: torch.dtype, steps: int, batch: int, seq: int, tmp:
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     # HF shifts labels inside its loss; ours takes explicit targets. Same tokens, same loss definition.
     targets = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], dim=1)
-    fns = {"nanoseek": make_step(ours, ids, targets, False), "transformers": make_step(theirs, ids, ids, True)}
     with torch.no_grad():
         l0, l1 = ours(ids, targets=targets).item(), theirs(input_ids=ids, labels=ids).loss.item()
+    if compile_:
+        ours.compile()  # in place: state_dict keys unchanged (what `nanoseek pretrain --compile` does)
+    fns = {"nanoseek": make_step(ours, ids, targets, False), "transformers": make_step(theirs, ids, ids, True)}
     times = {k: [] for k in fns}
-    for name, fn in fns.items():  # warm-up
+    t_compile = time.perf_counter()
+    for name, fn in fns.items():  # warm-up (and compilation)
         fn()
+        if name == "nanoseek":
+            t_compile = time.perf_counter() - t_compile
     for _ in range(steps):
         for name, fn in fns.items():
             t = time.perf_counter()
@@ -83,7 +89,7 @@ def run(experts: int, dtype: torch.dtype, steps: int, batch: int, seq: int, tmp:
     flops = ours.flops_per_token(seq, include_mtp=False)
     peak = matmul_peak(dtype)
     out = {"experts": experts, "dtype": str(dtype).replace("torch.", ""), "loss_ours": l0, "loss_hf": l1,
-           "peak_gflops": peak / 1e9}
+           "peak_gflops": peak / 1e9, "warmup_s": t_compile}
     for name, ts in times.items():
         tps = batch * seq / statistics.median(ts)
         out[name] = tps
@@ -100,6 +106,7 @@ def main():
     p.add_argument("--experts", type=int, nargs="+", default=[16, 64])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile nanoseek (transformers stays eager)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,12 +116,13 @@ def main():
     for experts in args.experts:
         for dt in args.dtypes:
             with tempfile.TemporaryDirectory() as tmp:
-                r = run(experts, getattr(torch, dt), args.steps, args.batch, args.seq, tmp)
+                r = run(experts, getattr(torch, dt), args.steps, args.batch, args.seq, tmp, args.compile)
             rows.append(r)
             print(f"experts={r['experts']:3d} {r['dtype']:9s} nanoseek {r['nanoseek']:8.0f} tok/s "
                   f"({100 * r['nanoseek_mfu']:4.1f}% of {r['peak_gflops']:.0f} GFLOP/s matmul peak)  "
                   f"transformers {r['transformers']:8.0f} tok/s ({100 * r['transformers_mfu']:4.1f}%)  "
-                  f"ratio {r['ratio']:.2f}x   initial loss {r['loss_ours']:.4f} vs {r['loss_hf']:.4f}", flush=True)
+                  f"ratio {r['ratio']:.2f}x   initial loss {r['loss_ours']:.4f} vs {r['loss_hf']:.4f}"
+                  + (f"  (compile {r['warmup_s']:.0f}s)" if args.compile else ""), flush=True)
     by = {(r["experts"], r["dtype"]): r for r in rows}
     for dt in args.dtypes:
         dt = dt.replace("torch.", "")

@@ -273,6 +273,13 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     if x_AI.is_cuda and torch.cuda.get_device_capability(x_AI.device)[0] < 9:
         bounds = [0] + offsets_E.tolist()
         return torch.cat([x_AI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    if x_AI.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_mm_eager(x_AI, w_EIO, offsets_E)  # its compile-time shape rule knows only bf16
+    return torch._grouped_mm(x_AI, w_EIO.to(x_AI.dtype), offs=offsets_E)
+
+
+@torch.compiler.disable
+def _grouped_mm_eager(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     return torch._grouped_mm(x_AI, w_EIO.to(x_AI.dtype), offs=offsets_E)
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
     grad_accum: int = 1
     clip: float = 1.0
     bf16: bool = False
+    compile: bool = False  # torch.compile the model in place (one-off compile time; faster steps)
     bias_gamma: float = 1e-3  # auxiliary-loss-free balancing speed (V3: 0.001)
     mtp_weight: float = 0.3  # lambda for the first 67.5% of steps, then mtp_weight_late (V3 sec. 4.2)
     mtp_weight_late: float = 0.1
@@ -252,6 +253,8 @@ class Trainer:
         peak = peak_flops(self.device, torch.bfloat16 if cfg.bf16 else torch.float32)
         flops_per_token = self.model.flops_per_token(self.seq_len) if self.seq_len else 0.0
         self.metrics = Metrics(self.run_dir / "metrics.jsonl", self.step, self.stage)
+        if cfg.compile and not getattr(self.model, "_compiled_call_impl", None):
+            self.model.compile()
         watchdog = Watchdog(cfg.watchdog_seconds)
         bar = _progress(cfg.progress, self.step, cfg.steps, self.stage)
         last_save = time.monotonic()
