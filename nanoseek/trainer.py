@@ -370,10 +370,14 @@ class Trainer:
 
 
 def _fault_injection(step: int) -> None:
-    """NANOSEEK_FAULT_HANG_AT_STEP=N hangs the first attempt of a run after step N (not after a launcher restart):
-    how the watchdog-and-restart path is tested end to end, and a drill users can run on their own cluster."""
-    hang_at = os.environ.get("NANOSEEK_FAULT_HANG_AT_STEP")
-    if hang_at and int(hang_at) == step and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    """Drills for the restart path, in the first attempt of a run only (not after a launcher restart):
+    NANOSEEK_FAULT_HANG_AT_STEP=N hangs after step N (the watchdog must end it), NANOSEEK_FAULT_CRASH_AT_STEP=N
+    kills the process with SIGKILL after step N. The tests use them end to end; users can run the same drill."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if os.environ.get("NANOSEEK_FAULT_CRASH_AT_STEP") == str(step):
+        os.kill(os.getpid(), 9)
+    if os.environ.get("NANOSEEK_FAULT_HANG_AT_STEP") == str(step):
         while True:
             time.sleep(3600)
 

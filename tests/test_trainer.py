@@ -187,21 +187,26 @@ def test_rollback_restores_checkpoint_and_skips_bad_batches(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ restart
-def test_watchdog_exits_and_torchrun_restarts(tmp_path, corpus_dir):
-    """A hung step (SIGSTOP-like: the process makes no progress) trips the watchdog; torchrun restarts the worker,
-    which resumes from the checkpoint and finishes equal to an uninterrupted run."""
+@pytest.mark.parametrize("fault", ["hang", "crash"])
+def test_torchrun_restarts_after_hang_or_crash(tmp_path, corpus_dir, fault):
+    """A hung step trips the watchdog (exit 75); a SIGKILLed worker just dies. Either way torchrun restarts the
+    worker, which resumes from the checkpoint and finishes equal to an uninterrupted run."""
     steps = 9
     ref = tmp_path / "ref"
     subprocess.run(pretrain_cmd(ref, corpus_dir, steps), check=True, timeout=300, capture_output=True)
-    run = tmp_path / "hang"
-    env = dict(os.environ, NANOSEEK_FAULT_HANG_AT_STEP="5")  # hang once, in the first attempt only
+    run = tmp_path / fault
+    env = dict(os.environ, **{f"NANOSEEK_FAULT_{fault.upper()}_AT_STEP": "5"})  # first attempt only
     port = 29500 + random.Random().randint(0, 2000)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--max-restarts", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "nanoseek.cli",
            *pretrain_cmd(run, corpus_dir, steps, "--watchdog", "4")[3:]]
     out = subprocess.run(cmd, timeout=300, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "watchdog: no training progress" in out.stderr
+    if fault == "hang":
+        assert "watchdog: no training progress" in out.stderr
+    else:
+        assert "exitcode: -9" in out.stderr
+    assert "resuming from step 3" in out.stdout
     a, b = final_weights(ref), final_weights(run)
     for k in a:
         assert torch.equal(a[k], b[k]), k
