@@ -268,8 +268,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ public
     def submit(self, *requests: Request) -> None:
-        """Queue requests (all or none). Raises ValueError for a prompt that does not fit, QueueFull when
-        max_queue requests are already waiting."""
+        """Queue requests (all or none). Raises ValueError for a prompt that does not fit, QueueFull when more than
+        max_queue requests would be left waiting for a free slot."""
         for r in requests:
             if not r.prompt:
                 raise ValueError("empty prompt: give at least one token")
@@ -279,8 +279,9 @@ class Engine:
             if max(r.prompt) >= self.config.vocab_size or min(r.prompt) < 0:
                 raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
         with self._cv:
-            if self.max_queue is not None and len(self.waiting) + len(requests) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests already waiting (max_queue={self.max_queue})")
+            free = self.max_batch - len(self.rows)
+            if self.max_queue is not None and len(self.waiting) + len(requests) - free > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests already waiting for a slot (max_queue={self.max_queue})")
             self.waiting.extend(requests)
             self._cv.notify_all()
 
@@ -570,3 +571,29 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None, dtype: torch.
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer at {tok_dir} has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
     return model, tok
+
+
+# --------------------------------------------------------------------------------------------------- CLI helpers
+def add_engine_arguments(p, batching: bool = True) -> None:
+    """Options `nanoseek chat` and `nanoseek serve` share."""
+    p.add_argument("--model", required=True,
+                   help="an HF model folder (config.json + *.safetensors) or a run dir (uses checkpoints/latest)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (default: beside the model, or the run dir's tokenizer/)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights, activations and latent cache dtype (default float32)")
+    if batching:
+        p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (cache slots; default 8)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="context per sequence, prompt + completion (default: the model's max_position_embeddings)")
+    p.add_argument("--speculative", action="store_true",
+                   help="draft one token per step with the MTP module, verified by the main model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def engine_from_args(args, **kw) -> Engine:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model, tokenizer=args.tokenizer, dtype=getattr(torch, args.dtype))
+    max_len = args.max_len or model.config.max_position_embeddings
+    return Engine(model, tok, max_batch=getattr(args, "max_batch", 1), max_len=max_len, speculative=args.speculative, **kw)

@@ -305,9 +305,9 @@ def test_closing_a_stream_cancels(chat_model, tok):
 
 def test_queue_limit_and_bad_prompts(model):
     engine = Engine(model, max_batch=1, max_len=32, max_queue=2)
-    engine.submit(Request([1]), Request([2]))
+    engine.submit(Request([1]), Request([2]), Request([3]))  # one gets the free slot, two wait
     with pytest.raises(QueueFull):
-        engine.submit(Request([3]))
+        engine.submit(Request([4]))
     with pytest.raises(ValueError, match="does not fit"):
         Engine(model, max_len=8).submit(Request(list(range(8))))
     with pytest.raises(ValueError, match="token ids"):
