@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import tasks
 from .engine import Engine, SamplingParams
 from .engine import load as load_model_and_tokenizer
-from .losses import group_advantages, grpo_loss, token_entropy, token_logprobs
+from .losses import (cckd_loss, dpo_loss, group_advantages, grpo_loss, logit_distill_loss, sequence_logprobs,
+                     token_entropy, token_logprobs)
 from .model import Transformer
 from .optim import SCHEDULES
 from .tokenizer import Tokenizer
@@ -111,7 +113,7 @@ def read_chat_jsonl(path) -> list[list[dict]]:
     return read_jsonl(path, lambda row: check_messages(row.get("messages")))
 
 
-def _check_pair(row: dict) -> dict:
+def check_pair(row: dict) -> dict:
     prompt = row.get("prompt")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
@@ -126,7 +128,7 @@ def _check_pair(row: dict) -> dict:
 
 def read_pairs_jsonl(path) -> list[dict]:
     """DPO preference pairs, one {"prompt": str or messages, "chosen": str, "rejected": str} per line."""
-    return read_jsonl(path, _check_pair)
+    return read_jsonl(path, check_pair)
 
 
 def write_jsonl(path, rows: list[dict]) -> None:
@@ -493,8 +495,6 @@ class RolloutBatches:
         if "reward/accuracy" in stats:
             stats["accuracy"] = stats["reward/accuracy"]
         batch["stats"] = stats
-        batch["sample"] = {"prompt": group_problems[0].prompt, "completion": completions[0].text,
-                           "reward": rewards[0]}
         return batch
 
     _TENSORS = {"input_ids": torch.long, "targets": torch.long, "mask": torch.bool, "advantages": torch.float32,
@@ -506,7 +506,7 @@ class RolloutBatches:
         if self.current is not None and self.uses < self.mu:
             cur = self.current
             state["current"] = {**{k: cur[k].tolist() for k in self._TENSORS if k in cur},
-                                "stats": cur["stats"], "sample": cur["sample"]}
+                                "stats": cur["stats"]}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -519,7 +519,7 @@ class RolloutBatches:
         cur = state["current"]
         self.current = None if cur is None else {
             **{k: torch.tensor(cur[k], dtype=dt) for k, dt in self._TENSORS.items() if k in cur},
-            "stats": dict(cur["stats"]), "sample": cur["sample"]}
+            "stats": dict(cur["stats"])}
         self._handed_at = None
 
 
@@ -548,15 +548,99 @@ def grpo_loss_fn(*, loss_type: str = "grpo", epsilon: float = 0.2, epsilon_high:
     return loss_fn
 
 
+# ------------------------------------------------------------------------------------------------ DPO
+def pair_batch(tok: Tokenizer, pairs: list[dict], max_len: int) -> dict:
+    """2B rows: the chosen replies of B pairs, then the rejected ones, each after its rendered prompt and closed
+    by EOS (as an assistant turn is in SFT); completions cut to fit max_len tokens."""
+    prompts, completions = [], []
+    for side in ("chosen", "rejected"):
+        for pair in pairs:
+            prompt = tok.render_chat(pair["prompt"], add_generation_prompt=True)[0]
+            if len(prompt) >= max_len:
+                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room for its reply within "
+                                 f"--max-len {max_len}: {tok.decode(prompt)[:80]!r}")
+            prompts.append(prompt)
+            completions.append((tok.encode(pair[side]) + [tok.eos_id])[:max_len + 1 - len(prompt)])
+    return completion_batch(prompts, completions, tok.pad_id)
+
+
+class PairBatches:
+    """DPO batches of `batch_size` preference pairs (pair_batch), in a fresh seeded order each epoch."""
+
+    def __init__(self, stream: ExampleStream, tok: Tokenizer, batch_size: int, max_len: int):
+        self.stream, self.tok, self.batch_size, self.max_len = stream, tok, batch_size, max_len
+        self.next_example = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        pairs = [self.stream[self.next_example + i] for i in range(self.batch_size)]
+        self.next_example += self.batch_size
+        return pair_batch(self.tok, pairs, self.max_len)
+
+    state_dict = PackedSFTBatches.state_dict
+    load_state_dict = PackedSFTBatches.load_state_dict
+
+
+def dpo_loss_fn(reference: Transformer, beta: float):
+    """Trainer loss_fn on PairBatches batches: losses.dpo_loss on the summed completion log-probs of the policy and
+    of the frozen reference (the starting model), plus the MoE balance term."""
+    def loss_fn(model: Transformer, batch: dict, mtp_weight: float) -> tuple[Tensor, dict]:
+        logp_B = sequence_logprobs(model(batch["input_ids"]), batch["targets"], batch["mask"])
+        balance = take_balance_loss(model)
+        ref_B = (completion_logprobs(reference, batch) * batch["mask"]).sum(-1)
+        n = logp_B.shape[0] // 2
+        loss, stats = dpo_loss(logp_B[:n], logp_B[n:], ref_B[:n], ref_B[n:], beta=beta)
+        out = {f"dpo/{k}": v for k, v in stats.items()}
+        out["dpo/logp_chosen"], out["dpo/logp_rejected"] = logp_B[:n].detach().mean(), logp_B[n:].detach().mean()
+        if torch.is_tensor(balance):
+            out["loss/balance"] = balance.detach()
+        return loss + balance, out
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------ distillation
+def distill_loss_fn(teacher: Transformer, *, logit_kd_weight: float = 0.0, temperature: float = 1.0,
+                    cckd_weight: float = 0.0):
+    """Trainer loss_fn on packed (inputs, targets) trace batches: next-token CE on the teacher's verified traces
+    (R1's distilled models are this term alone) + logit_kd_weight * T^2 KL(teacher || student) on the same
+    tokens (Hinton et al. 2015) + cckd_weight * the CCKD correlation term on each row's mean final hidden
+    state over its trained tokens (Peng et al. 2019). The MTP head is not trained here."""
+    def loss_fn(model: Transformer, batch, mtp_weight: float) -> tuple[Tensor, dict]:
+        inputs_BT, targets_BT = batch
+        logits_BTV, h_BTD = model(inputs_BT, return_hidden=True)
+        ce = F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE)
+        loss, parts = ce, {"loss/lm": ce.detach()}
+        balance = take_balance_loss(model)
+        if torch.is_tensor(balance):
+            loss, parts["loss/balance"] = loss + balance, balance.detach()
+        mask_BT = targets_BT != IGNORE
+        with torch.no_grad(), side_effect_free(teacher):
+            t_logits_BTV, t_h_BTD = teacher(inputs_BT, return_hidden=True)
+        if logit_kd_weight > 0:
+            kd = logit_distill_loss(logits_BTV, t_logits_BTV, mask_BT, temperature)
+            loss, parts["loss/logit_kd"] = loss + logit_kd_weight * kd, kd.detach()
+        if cckd_weight > 0:
+            def pooled(norm, h_BTD):
+                w_BT1 = mask_BT.unsqueeze(-1).to(h_BTD.dtype)
+                return (norm(h_BTD) * w_BT1).sum(1) / w_BT1.sum(1).clamp(min=1)
+            cc = cckd_loss(pooled(model.norm, h_BTD), pooled(teacher.norm, t_h_BTD))
+            loss, parts["loss/cckd"] = loss + cckd_weight * cc, cc.detach()
+        return loss, parts
+    return loss_fn
+
+
 # ------------------------------------------------------------------------------------------------ stage plumbing
-def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_size: int, warmup: int = 0,
+def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_size: int | None, warmup: int = 0,
                    schedule: str = "constant", save_every: int = 50, eval_every: int = 50) -> None:
     """Options every post-training stage shares (the loop, checkpoints, logging)."""
     p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
     p.add_argument("--warmup", type=int, default=warmup, help=f"linear warm-up steps (default {warmup})")
     p.add_argument("--schedule", default=schedule, choices=SCHEDULES, help=f"LR schedule (default {schedule})")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"rows per step (default {batch_size})")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=int, default=batch_size, help=f"rows per step (default {batch_size})")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0 disables; default 1)")
     p.add_argument("--bias-gamma", type=float, default=1e-3, help="MoE bias update speed (0 disables)")
@@ -572,6 +656,14 @@ def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_s
 
 # Options that may change between runs on one run dir: how long, how often, how verbose.
 MAY_CHANGE = ("steps", "save_every", "save_minutes", "keep_last", "eval_every", "eval_n", "threads", "no_progress")
+
+
+def freeze_mtp(model: Transformer) -> None:
+    """For stages whose loss does not use the MTP module (GRPO, DPO, logit distillation, SFT with --mtp-weight 0):
+    freeze it, so the optimizer holds only parameters that get gradients. Also needed for resume: loading an
+    optimizer state in which some parameters never had a step fails in torch.distributed.checkpoint's
+    set_optimizer_state_dict (AdamW.__setstate__ gets {} for their 'step')."""
+    model.mtp.requires_grad_(False)
 
 
 def train_config(args, *, mtp_weight: float = 0.0) -> TrainConfig:

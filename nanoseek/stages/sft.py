@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     batches = pt.PackedSFTBatches(stream, tok, args.batch_size, args.seq_len)
     eval_fn = (pt.task_eval_fn(tok, eval_task, args.eval_n, seed=args.seed, max_new_tokens=args.max_new_tokens)
                if eval_task else None)
+    if args.mtp_weight == 0:
+        pt.freeze_mtp(model)
     optimizer = build_optimizer(model, args.lr, weight_decay=args.weight_decay)
     counts = model.param_counts()
     source = f"{len(examples)} chat examples" if examples else f"generated {args.task} worked solutions"
