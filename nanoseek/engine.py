@@ -28,6 +28,7 @@ import collections
 import secrets
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from .model import LatentCache, Transformer
 
-FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
 
 class QueueFull(RuntimeError):
@@ -341,7 +342,16 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a failed step must not leave clients waiting forever: fail what was in flight
+                traceback.print_exc()
+                with self._cv:
+                    failed = self.rows + list(self.waiting)
+                    self.rows, self.waiting = [], collections.deque()
+                for r in failed:
+                    self.stats.finished[FINISH_ERROR] += 1
+                    self._end(r, FINISH_ERROR)
 
     @property
     def busy(self) -> bool:
@@ -364,6 +374,7 @@ class Engine:
         with self._cv:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
+                self.stats.finished[FINISH_CANCELLED] += 1
                 self._end(r, FINISH_CANCELLED)
             for r in self.rows:
                 if r.cancelled and not r.finished:
@@ -425,7 +436,7 @@ class Engine:
 
     def _pick(self, logits_NV: Tensor, a: int, b: int, rows: list[Request], u_N: Tensor) -> tuple[Tensor, Tensor | None]:
         """Next tokens for rows a..b (and their distributions, when speculation needs them)."""
-        if all(r.generator is None for r in rows) and not self.speculative:
+        if all(r.generator is None for r in rows):
             return logits_NV.argmax(-1), None
         probs_NV = self._probs(logits_NV, a, b, rows)
         return sample_from(probs_NV, u_N), probs_NV
@@ -470,7 +481,9 @@ class Engine:
             nxt_BT = torch.cat([ids_BT[:, 1:], ids_BT[:, :1]], dim=1)
             nxt_BT[ar, lens - 1] = first
             mtp_logits, _ = self.model.mtp_forward(1, h_BTD, nxt_BT, pos_BT, cache=view, prefill=True)
-            self.draft[a:b], self.draft_q[a:b] = self._pick(mtp_logits[ar, lens - 1], a, b, group, u[:, 1])
+            self.draft[a:b], q = self._pick(mtp_logits[ar, lens - 1], a, b, group, u[:, 1])
+            if q is not None:
+                self.draft_q[a:b] = q
         tokens = first.tolist()
         self.stats.prefill_tokens += int(sum(len(r.prompt) for r in group))
         self.stats.prefill_s += time.perf_counter() - t0
@@ -501,19 +514,29 @@ class Engine:
         pos_N2 = torch.stack([pos, pos + 1], dim=1)
         logits_N2V, h_N2D = self.model(torch.stack([last, draft], dim=1), positions=pos_N2, cache=view,
                                        return_hidden=True)
+        ar = torch.arange(n, device=self.device)
         u = self._uniforms(rows, 4)
-        p_N2V = self._probs(logits_N2V.flatten(0, 1), 0, n, rows, repeat=2).view(n, 2, -1)
-        first, accepted = speculative_accept(p_N2V[:, 0], q_NV, draft, u[:, 0], u[:, 1])
-        bonus = sample_from(p_N2V[:, 1], u[:, 2])  # p(. | last, draft): only kept when the draft was accepted
+        if all(r.generator is None for r in rows):  # all greedy: exact argmax comparisons, no distributions
+            target_N2 = logits_N2V.argmax(-1)
+            first, bonus = target_N2[:, 0], target_N2[:, 1]
+            accepted = first == draft
+        else:
+            # Greedy rows keep no draft distribution: theirs is the one-hot at their (argmax) draft.
+            greedy_N = (self.temperature[:n] <= 0)[:, None]
+            q_NV = torch.where(greedy_N, F.one_hot(draft, q_NV.shape[-1]).to(q_NV.dtype), q_NV)
+            p_N2V = self._probs(logits_N2V.flatten(0, 1), 0, n, rows, repeat=2).view(n, 2, -1)
+            first, accepted = speculative_accept(p_N2V[:, 0], q_NV, draft, u[:, 0], u[:, 1])
+            bonus = sample_from(p_N2V[:, 1], u[:, 2])  # p(. | last, draft): kept only when the draft was accepted
         n_new = 1 + accepted.long()
         # MTP at pos (h_pos, t_{pos+1}) and pos+1 (h_{pos+1}, t_{pos+2}); the second is garbage for rejected rows
         # (its latents are rewritten next step) and the draft comes from the last position actually kept.
         mtp_logits, _ = self.model.mtp_forward(1, h_N2D, torch.stack([first, bonus], dim=1), pos_N2, cache=view)
-        ar = torch.arange(n, device=self.device)
         new_draft, new_q = self._pick(mtp_logits[ar, n_new - 1], 0, n, rows, u[:, 3])
         self.last[:n] = torch.where(accepted, bonus, first)
         self.pos[:n] += n_new
-        self.draft[:n], self.draft_q[:n] = new_draft, new_q
+        self.draft[:n] = new_draft
+        if new_q is not None:
+            self.draft_q[:n] = new_q
         out = torch.stack([first, bonus, n_new], dim=1).tolist()
         self.stats.decode_steps += 1
         self.stats.decode_s += time.perf_counter() - t0

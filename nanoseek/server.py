@@ -225,6 +225,11 @@ class Server:
             raise APIError(400, str(e)) from None
         return reqs, q
 
+    @staticmethod
+    def check_failed(reqs: list[Request]) -> None:
+        if any(r.finish_reason == "error" for r in reqs):
+            raise APIError(500, "generation failed on the server (see its log)", type_="server_error")
+
     async def wait_all(self, http: HTTPRequest, reqs: list[Request], q: asyncio.Queue) -> bool:
         """Until every request finished; False (and everything cancelled) if the client went away."""
         left, next_check = len(reqs), time.monotonic() + 0.25
@@ -259,6 +264,7 @@ class Server:
         finally:
             for r in reqs:
                 r.cancel()
+        self.check_failed(reqs)
         choices = []
         for i, r in enumerate(reqs):
             reasoning, content = split_reply(r.text)
@@ -313,6 +319,7 @@ class Server:
         finally:
             for r in reqs:
                 r.cancel()
+        self.check_failed(reqs)
         choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(reqs)]
         return {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,

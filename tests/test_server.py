@@ -242,3 +242,19 @@ def test_chat_stage_one_prompt(chat_model, tok, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "4\n" and "thinking: 2 plus 2 is 4" in err
     assert chat.main(["--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+
+
+def test_a_failing_step_fails_its_requests_not_the_server(small_server, monkeypatch, capsys):
+    engine = small_server.engine
+
+    def boom():
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(engine, "_decode", boom)
+    c = openai.OpenAI(base_url=small_server.url + "/v1", api_key="x", timeout=30, max_retries=0)
+    with pytest.raises(openai.InternalServerError):
+        c.chat.completions.create(model=NAME, messages=msgs("count"), temperature=0)
+    monkeypatch.undo()
+    assert "simulated failure" in capsys.readouterr().err
+    assert c.chat.completions.create(model=NAME, messages=msgs("hi"), temperature=0).choices[0].message.content \
+        == "hello there"
