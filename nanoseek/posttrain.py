@@ -440,6 +440,7 @@ class RolloutBatches:
         self.uses = 0  # times the current batch was handed out
         self.current: dict | None = None
         self._handed_at: float | None = None
+        self._handed_tokens = 0
 
     def __iter__(self):
         return self
@@ -457,10 +458,10 @@ class RolloutBatches:
         if train_s is not None:
             # The previous step's update (forward, backward, optimizer, logging): the trainer runs backward
             # after the loss function returns, so this is where its duration can be seen.
-            batch["stats"]["train/tokens_per_s"] = batch["input_ids"].numel() / train_s
+            batch["stats"]["train/tokens_per_s"] = self._handed_tokens / train_s
         else:
             batch["stats"].pop("train/tokens_per_s", None)
-        self._handed_at = time.perf_counter()
+        self._handed_at, self._handed_tokens = time.perf_counter(), batch["input_ids"].numel()
         return batch
 
     def rollout(self, index: int) -> dict:
