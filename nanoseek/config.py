@@ -155,6 +155,10 @@ class ModelConfig:
                  "rope_scaling.original_max_position_embeddings must be positive")
         if self.index_topk is not None:
             need(self.index_topk > 0, f"index_topk must be positive or None (dense), got {self.index_topk}")
+            need(self.index_n_heads > 0, f"index_n_heads must be positive, got {self.index_n_heads}")
+            need(self.index_head_dim >= self.qk_rope_head_dim,
+                 f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): "
+                 f"the indexer's heads carry the same rotary part")
 
     # -------------------------------------------------------------- HF format
     def to_hf_dict(self) -> dict[str, Any]:
@@ -163,6 +167,8 @@ class ModelConfig:
         v3 = self.scoring_func == "sigmoid"
         d["model_type"] = "deepseek_v3" if v3 else "deepseek_v2"
         d["architectures"] = ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"]
+        if self.index_topk is not None:  # V3.2: V3 plus the DSA indexer
+            d["model_type"], d["architectures"] = "deepseek_v32", ["DeepseekV32ForCausalLM"]
         d["num_key_value_heads"] = self.num_attention_heads
         d["moe_layer_freq"] = 1
         d["rope_interleave"] = True

@@ -4,6 +4,7 @@ Shape legend (suffixes on tensor names):
     B batch   T query tokens   S key tokens (cache)   D hidden_size   H heads   V vocab_size
     N qk_nope_head_dim   R qk_rope_head_dim   K = N + R   O v_head_dim   C kv_lora_rank   Q q_lora_rank
     E routed experts   k experts per token   F expert width   M = B*T tokens   A = M*k routed assignments
+    J indexer heads   I index_head_dim   k' keys selected per query by DSA (dsa.py)
 
 Module and parameter names are the Hugging Face ones (minus the `model.` prefix), so hf.py only has to split the
 stacked experts per expert and renumber the MTP layers.
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, yarn_mscale
+from .dsa import Indexer, index_scores, indexer_kl, select_topk, take_indexer_loss, topk_mask
 
 
 # --------------------------------------------------------------------------------------------------- norms, RoPE
@@ -78,10 +80,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class LatentCache:
     """The absorbed-MLA cache: per layer (main stack, then MTP layers) the normalised latent c_KV and the rotated
     shared key k_pe, kv_lora_rank + qk_rope_head_dim values per token (576 for V3 against 40,960 for per-head K/V).
-    Slot s of row b holds the token at position s of that row's sequence."""
+    Slot s of row b holds the token at position s of that row's sequence. With DSA (index_topk set) the indexer's
+    keys sit beside them, index_head_dim more values per token (V3.2: 576 + 128)."""
 
     kv: Tensor  # [L, B, S, C]
     pe: Tensor  # [L, B, S, R]
+    idx: Tensor | None = None  # [L, B, S, I] indexer keys, DSA only
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, max_len: int, *, dtype=torch.float32, device="cpu",
@@ -89,7 +93,9 @@ class LatentCache:
         layers = config.num_hidden_layers + (config.num_nextn_predict_layers if with_mtp else 0)
         kv = torch.zeros(layers, batch, max_len, config.kv_lora_rank, dtype=dtype, device=device)
         pe = torch.zeros(layers, batch, max_len, config.qk_rope_head_dim, dtype=dtype, device=device)
-        return cls(kv, pe)
+        idx = (None if config.index_topk is None else
+               torch.zeros(layers, batch, max_len, config.index_head_dim, dtype=dtype, device=device))
+        return cls(kv, pe, idx)
 
     @property
     def max_len(self) -> int:
@@ -97,7 +103,8 @@ class LatentCache:
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies in one layer."""
-        return (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
+        idx = 0 if self.idx is None else self.idx.shape[-1]
+        return (self.kv.shape[-1] + self.pe.shape[-1] + idx) * self.kv.element_size()
 
 
 class MLA(nn.Module):
@@ -123,14 +130,20 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        # DeepSeek Sparse Attention (V3.2): the lightning indexer choosing each query's keys; None = dense MLA.
+        self.indexer = Indexer(c) if c.index_topk is not None else None
 
-    def _queries(self, x_BTD: Tensor) -> Tensor:
+    def _queries(self, x_BTD: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head queries [B, T, H, K], and what they were projected from (c_Q, or h without q-LoRA), which the
+        indexer's queries share."""
         if hasattr(self, "q_proj"):
+            q_in = x_BTD
             q = self.q_proj(x_BTD)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+            q_in = self.q_a_layernorm(self.q_a_proj(x_BTD))
+            q = self.q_b_proj(q_in)
         B, T, _ = x_BTD.shape
-        return q.view(B, T, self.n_heads, self.nope + self.rope)
+        return q.view(B, T, self.n_heads, self.nope + self.rope), q_in
 
     def _latents(self, x_BTD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         kv_BTC, pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_rank, self.rope], dim=-1)
@@ -138,26 +151,80 @@ class MLA(nn.Module):
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, cache: LatentCache | None = None,
                 positions_BT: Tensor | None = None, rows_B: Tensor | None = None, prefill: bool = False) -> Tensor:
-        q_BTHK = self._queries(x_BTD)
+        q_BTHK, q_in = self._queries(x_BTD)
         q_nope, q_pe = q_BTHK.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
         kv_BTC, pe_BTR = self._latents(x_BTD, cos, sin)
         if cache is not None:
             self._write_cache(cache, kv_BTC, pe_BTR, positions_BT, rows_B)
-        if cache is None or prefill:
+        if self.indexer is not None:
+            out_BTHO = self._attend_sparse(x_BTD, q_in, q_nope, q_pe, kv_BTC, pe_BTR, cos, sin, cache, positions_BT,
+                                           rows_B, prefill)
+        elif cache is None or prefill:
             out_BTHO = self._attend_expanded(q_nope, q_pe, kv_BTC, pe_BTR)
         else:
             out_BTHO = self._attend_absorbed(q_nope, q_pe, cache, positions_BT, rows_B)
         return self.o_proj(out_BTHO.flatten(2))
 
-    def _attend_expanded(self, q_nope, q_pe, kv_BTC, pe_BTR) -> Tensor:
-        """Training / prefill: expand c_KV into per-head keys and values and run causal SDPA."""
+    def _attend_expanded(self, q_nope, q_pe, kv_BTC, pe_BTR, keep_BTS: Tensor | None = None) -> Tensor:
+        """Training / prefill: expand c_KV into per-head keys and values and run causal SDPA (with DSA: over the
+        keys in keep_BTS, [B, T, T], the masked form of the sparse attention)."""
         B, T, H, _ = q_nope.shape
         k_nope, v = self.kv_b_proj(kv_BTC).view(B, T, H, self.nope + self.v_dim).split([self.nope, self.v_dim], -1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, pe_BTR.unsqueeze(2).expand(B, T, H, self.rope)], dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
+        mask = None if keep_BTS is None else keep_BTS.unsqueeze(1)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+                                             scale=self.scale)
         return out.transpose(1, 2)
+
+    def _attend_sparse(self, x_BTD, q_in, q_nope, q_pe, kv_BTC, pe_BTR, cos, sin, cache, positions_BT, rows_B,
+                       prefill) -> Tensor:
+        """DSA (V3.2 sec. 2.1): the indexer scores the visible keys, each query keeps its top-k, and MLA attends over
+        those only: masked in the expanded form, gathered from the latent cache in the absorbed one. In the
+        warm-up mode attention stays dense. In training the indexer's KL to the main attention is left in
+        `indexer.kl` (its input detached: it learns from that KL alone, the main model from the LM loss alone)."""
+        ix = self.indexer
+        x_in, q_in = x_BTD.detach(), q_in.detach()
+        k_BTI = ix.keys(x_in, cos, sin)
+        if cache is not None:
+            if cache.idx is None:
+                raise ValueError("this model uses sparse attention (index_topk is set): its LatentCache needs the "
+                                 "indexer key cache; allocate it with LatentCache.allocate(config, ...)")
+            rows = torch.arange(x_BTD.shape[0], device=x_BTD.device) if rows_B is None else rows_B
+            cache.idx[self.layer_idx][rows[:, None], positions_BT] = k_BTI.to(cache.idx.dtype)
+        learn = self.training and torch.is_grad_enabled()
+        if cache is None or prefill:
+            T = x_BTD.shape[1]
+            if ix.mode == "warmup" and not learn:
+                return self._attend_expanded(q_nope, q_pe, kv_BTC, pe_BTR)
+            q_BTJI, w_BTJ = ix.queries(q_in, x_in, cos, sin)
+            scores_BTS = index_scores(q_BTJI, w_BTJ, k_BTI)
+            visible_BTS = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril().expand_as(scores_BTS)
+            keep_BTS = visible_BTS if ix.mode == "warmup" else topk_mask(scores_BTS, visible_BTS, ix.topk)
+            if learn:
+                target_BTS = self._attention_probs(q_nope, q_pe, kv_BTC, pe_BTR, keep_BTS)
+                ix.kl = indexer_kl(scores_BTS, target_BTS, keep_BTS)
+            return self._attend_expanded(q_nope, q_pe, kv_BTC, pe_BTR, None if ix.mode == "warmup" else keep_BTS)
+        if ix.mode == "warmup":
+            return self._attend_absorbed(q_nope, q_pe, cache, positions_BT, rows_B)
+        idx_cache = cache.idx[self.layer_idx] if rows_B is None else cache.idx[self.layer_idx][rows_B]
+        S = int(positions_BT.max()) + 1 if positions_BT.numel() else 1
+        q_BTJI, w_BTJ = ix.queries(q_in, x_in, cos, sin)
+        scores_BTS = index_scores(q_BTJI, w_BTJ, idx_cache[:, :S])
+        visible_BTS = torch.arange(S, device=x_BTD.device) <= positions_BT[:, :, None]
+        return self._attend_absorbed(q_nope, q_pe, cache, positions_BT, rows_B,
+                                     select=select_topk(scores_BTS, visible_BTS, ix.topk))
+
+    @torch.no_grad()
+    def _attention_probs(self, q_nope, q_pe, kv_BSC, pe_BSR, keep_BTS) -> Tensor:
+        """The main attention's probabilities over keys, averaged over heads (= head-summed, L1-normalised): the
+        indexer's target p[t, :]. Computed on the latents (absorbed form), equal to the expanded scores."""
+        w_uk, _ = self.absorbed_weights()
+        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
+        scores_BHTS = (torch.einsum("bthc,bsc->bhts", q_lat_BTHC, kv_BSC)
+                       + torch.einsum("bthr,bsr->bhts", q_pe, pe_BSR)).float() * self.scale
+        return scores_BHTS.masked_fill(~keep_BTS.unsqueeze(1), float("-inf")).softmax(-1).mean(1)
 
     def _write_cache(self, cache, kv_BTC, pe_BTR, positions_BT, rows_B):
         B = kv_BTC.shape[0]
@@ -171,9 +238,10 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         return w[:, : self.nope], w[:, self.nope:]
 
-    def _attend_absorbed(self, q_nope, q_pe, cache, positions_BT, rows_B) -> Tensor:
+    def _attend_absorbed(self, q_nope, q_pe, cache, positions_BT, rows_B, select=None) -> Tensor:
         """Decode: fold W_UK into the query and W_UV after attention, attending over the cached latents directly
-        (DeepSeek-V2 sec. 2.1.2). Key slot s is visible to a query at position p iff s <= p."""
+        (DeepSeek-V2 sec. 2.1.2). Key slot s is visible to a query at position p iff s <= p. With DSA, `select`
+        is (indices [B, T, k'], valid [B, T, k']) and each query attends over its k' gathered latents only."""
         w_uk, w_uv = self.absorbed_weights()
         kv_cache, pe_cache = cache.kv[self.layer_idx], cache.pe[self.layer_idx]
         if rows_B is not None:
@@ -181,11 +249,24 @@ class MLA(nn.Module):
         S = int(positions_BT.max()) + 1 if positions_BT.numel() else 1
         kv_BSC, pe_BSR = kv_cache[:, :S].to(q_nope.dtype), pe_cache[:, :S].to(q_nope.dtype)
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
+        if select is not None:
+            return self._attend_gathered(q_lat_BTHC, q_pe, kv_BSC, pe_BSR, *select, w_uv)
         scores_BHTS = (torch.einsum("bthc,bsc->bhts", q_lat_BTHC, kv_BSC)
                        + torch.einsum("bthr,bsr->bhts", q_pe, pe_BSR)).float() * self.scale
         visible = torch.arange(S, device=q_nope.device) <= positions_BT[:, None, :, None]
         probs = scores_BHTS.masked_fill(~visible, float("-inf")).softmax(-1).to(q_nope.dtype)
         out_lat_BTHC = torch.einsum("bhts,bsc->bthc", probs, kv_BSC)
+        return torch.einsum("bthc,hoc->btho", out_lat_BTHC, w_uv)
+
+    def _attend_gathered(self, q_lat_BTHC, q_pe, kv_BSC, pe_BSR, idx_BTk, valid_BTk, w_uv) -> Tensor:
+        """Sparse absorbed attention: gather each query's k' selected latents and attend over them alone, so the
+        cost per query is O(k') whatever the context length (V3.2 sec. 2.1, "MQA mode" of MLA)."""
+        b = torch.arange(kv_BSC.shape[0], device=kv_BSC.device)[:, None, None]
+        kv_BTkC, pe_BTkR = kv_BSC[b, idx_BTk], pe_BSR[b, idx_BTk]
+        scores_BHTk = (torch.einsum("bthc,btkc->bhtk", q_lat_BTHC, kv_BTkC)
+                       + torch.einsum("bthr,btkr->bhtk", q_pe, pe_BTkR)).float() * self.scale
+        probs = scores_BHTk.masked_fill(~valid_BTk.unsqueeze(1), float("-inf")).softmax(-1).to(q_lat_BTHC.dtype)
+        out_lat_BTHC = torch.einsum("bhtk,btkc->bthc", probs, kv_BTkC)
         return torch.einsum("bthc,hoc->btho", out_lat_BTHC, w_uv)
 
 
@@ -459,6 +540,10 @@ class Transformer(nn.Module):
             if mtp_losses:
                 parts["mtp"] = torch.stack(mtp_losses).mean()
                 loss = loss + mtp_weight * parts["mtp"]
+        kl = take_indexer_loss(self)  # DSA: the indexers' KL to the main attention (V3.2 sec. 2.1.1)
+        if kl is not None:
+            parts["indexer"] = kl
+            loss = loss + kl
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         if aux:
             parts["balance"] = torch.stack(aux).sum()
