@@ -5,7 +5,10 @@ translates: routed experts are one stacked tensor per layer here (`mlp.experts.g
 `mlp.experts.down_proj` [E, D, F]) and one tensor per expert on disk (`mlp.experts.{e}.{gate,up,down}_proj.weight`);
 MTP depth k is `mtp.{k-1}.*` here and `model.layers.{num_hidden_layers + k - 1}.*` on disk, where the block's keys sit
 beside `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, and copies of the shared `embed_tokens` and
-`shared_head.head` (as the V3 checkpoint stores them). No pickle anywhere.
+`shared_head.head` (as the V3 checkpoint stores them). V3.2's DSA indexer needs no translation: its keys are
+`model.layers.{i}.self_attn.indexer.{wq_b, wk, weights_proj}.weight` and `...indexer.k_norm.{weight, bias}` in both
+(the MTP layer has one too); in the FP8 release wq_b and wk carry `weight_scale_inv` like the other linears.
+No pickle anywhere.
 """
 
 from __future__ import annotations
