@@ -83,13 +83,16 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 
 def find_sources(paths: list[str] | None = None) -> list[Source]:
-    """Files behind `paths` (None: the stdlib). Folders are walked recursively in sorted order,
-    skipping hidden entries, __pycache__ and files that look binary (a NUL byte in the first 8 KiB);
-    a file named explicitly is always read."""
+    """Files behind `paths` (None: the stdlib; the word "stdlib" among paths adds it). Folders are walked
+    recursively in sorted order, skipping hidden entries, __pycache__ and files that look binary (a NUL byte in
+    the first 8 KiB); a file named explicitly is always read."""
     if not paths:
         return stdlib_sources()
     sources = []
     for raw in paths:
+        if str(raw) == "stdlib":
+            sources.extend(stdlib_sources())
+            continue
         path = Path(raw).expanduser()
         if path.is_file():
             sources.append(Source(path, path.name, _kind(path)))
