@@ -181,9 +181,9 @@ def dequantize_fp8(tensors: dict[str, Tensor], block: int = 128) -> dict[str, Te
             continue
         scale = tensors.get(k[: -len("weight")] + "weight_scale_inv") if k.endswith(".weight") else None
         if scale is not None:
-            w = t.float()
-            s = scale.float().repeat_interleave(block, 0)[: w.shape[0]].repeat_interleave(block, 1)[:, : w.shape[1]]
-            t = (w * s).to(torch.bfloat16)
+            from .fp8 import dequantize_blocks  # one implementation of the block layout, shared with training
+
+            t = dequantize_blocks(t, scale, block).to(torch.bfloat16)
         out[k] = t
     return out
 

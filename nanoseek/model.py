@@ -304,6 +304,9 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
         # Auxiliary-loss-free balancing bias b_i: no gradient, moved by update_expert_bias once per step.
         self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+        # Node-limited routing (V3 sec. 2.1.2), a training-topology option set by dist.node_limited_routing:
+        # (nodes, M) = experts split into `nodes` equal slices, each token sent to at most M of them. None: off.
+        self.node_limit: tuple[int, int] | None = None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -326,6 +329,14 @@ class Gate(nn.Module):
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
             fill = float("-inf") if self.topk_method == "noaux_tc" else 0.0
             choice_ME = grouped.masked_fill(~keep[..., None], fill).view(M, E)
+        if self.node_limit is not None:
+            # Nodes ranked by the sum of their K/M highest (biased) scores; experts off the best M nodes masked.
+            nodes, max_nodes = self.node_limit
+            per_node = choice_ME.view(M, nodes, E // nodes)
+            node_scores = per_node.topk(self.top_k // max_nodes, dim=-1).values.sum(-1)
+            node_idx = node_scores.topk(max_nodes, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(node_scores, dtype=torch.bool).scatter_(1, node_idx, True)
+            choice_ME = per_node.masked_fill(~keep[..., None], float("-inf")).view(M, E)
         idx_Mk = choice_ME.topk(self.top_k, dim=-1, sorted=False).indices
         weights_Mk = scores_ME.gather(1, idx_Mk)
         if self.norm:
@@ -378,6 +389,9 @@ class MoE(nn.Module):
         # Tokens routed to each expert since the last bias update, summed over micro-batches (not saved).
         self.register_buffer("expert_load", torch.zeros(config.n_routed_experts), persistent=False)
         self.aux_loss: Tensor | None = None
+        # Expert parallelism (nanoseek/dist.py ExpertParallel): when set, the routed experts live sharded over ranks
+        # and tokens travel to them by all-to-all; None runs every expert here.
+        self.expert_parallel = None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -396,10 +410,13 @@ class MoE(nn.Module):
         if self.training and self.aux_alpha > 0:
             self.aux_loss = self.sequence_balance_loss(scores_ME.view(B, T, -1), idx_Mk.view(B, T, -1))
         # Sort the M*k assignments by expert, run each expert's contiguous segment, scatter back, mix by weight.
-        order_A = idx_Mk.flatten().argsort(stable=True)
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
-        y_AD = self.experts(x_MD[order_A // self.top_k], offsets_E)
-        y_MkD = torch.empty_like(y_AD).index_copy_(0, order_A, y_AD).view(-1, self.top_k, D)
+        if self.expert_parallel is not None:
+            y_MkD = self.expert_parallel(self.experts, x_MD, idx_Mk, counts_E).view(-1, self.top_k, D)
+        else:
+            order_A = idx_Mk.flatten().argsort(stable=True)
+            offsets_E = counts_E.cumsum(0).to(torch.int32)
+            y_AD = self.experts(x_MD[order_A // self.top_k], offsets_E)
+            y_MkD = torch.empty_like(y_AD).index_copy_(0, order_A, y_AD).view(-1, self.top_k, D)
         # A weighted sum, not a bmm: [M,1,k] @ [M,k,D] is M tiny matmuls (36x slower on CPU in fp32).
         routed_MD = (weights_Mk.to(y_MkD.dtype).unsqueeze(-1) * y_MkD).sum(1)
         out = routed_MD.view(B, T, D)

@@ -180,10 +180,11 @@ LossFn = Callable[[Transformer, Any, float], tuple[torch.Tensor, dict]]
 
 
 def lm_loss(model: Transformer, batch, mtp_weight: float) -> tuple[torch.Tensor, dict]:
-    """Pretraining loss: next-token CE + MTP + balance, on an (inputs, targets) batch."""
+    """Pretraining loss: next-token CE + MTP + balance, on an (inputs, targets) batch. `model` may be a DDP
+    wrapper (its forward must be the one called, so gradients are reduced); the loss parts live on the module."""
     inputs, targets = batch
     loss = model(inputs, targets=targets, mtp_weight=mtp_weight)
-    return loss, {f"loss/{k}": v for k, v in model.loss_parts.items()}
+    return loss, {f"loss/{k}": v for k, v in getattr(model, "module", model).loss_parts.items()}
 
 
 def batch_tokens(batch) -> int:
@@ -192,32 +193,53 @@ def batch_tokens(batch) -> int:
 
 class Trainer:
     """Runs `config.steps` optimizer steps of `loss_fn` over `batches`, resuming from `run_dir` if it holds
-    checkpoints. `batches` must be an iterator with state_dict()/load_state_dict() (its exact position)."""
+    checkpoints. `batches` must be an iterator with state_dict()/load_state_dict() (its exact position).
+
+    With `parallel` (nanoseek.dist.Parallel, after `parallel.wrap(model)`), every rank runs this loop on its own
+    shard of each batch: the forward goes through the DDP/FSDP module, the loss, metrics and MoE loads are reduced
+    across ranks (so the guard decides the same everywhere), checkpoints are sharded (DCP) and only rank 0 logs and
+    writes metrics."""
 
     def __init__(self, model: Transformer, optimizer: torch.optim.Optimizer, batches: Iterator, run_dir,
                  config: TrainConfig, *, stage: str = "pretrain", loss_fn: LossFn = lm_loss,
                  eval_fn: Callable[[Transformer], dict] | None = None, seq_len: int | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, parallel=None):
         self.model, self.optimizer, self.batches, self.cfg = model, optimizer, batches, config
-        self.run_dir, self.stage, self.loss_fn, self.eval_fn, self.log = Path(run_dir), stage, loss_fn, eval_fn, log
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
+        self.forward_model = parallel.forward_model if parallel is not None else model
+        self.run_dir, self.stage, self.loss_fn, self.eval_fn = Path(run_dir), stage, loss_fn, eval_fn
+        self.log = log if self.is_main else (lambda s: None)
         self.seq_len = seq_len
         self.device = next(model.parameters()).device
         self.guard = Guard(sigma=config.guard_sigma, window=config.guard_window,
                            min_history=config.guard_min_history, max_consecutive=config.guard_max_consecutive)
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=config.keep_last)
+        if parallel is not None:
+            self.ckpt = parallel.checkpoint_manager(self.run_dir, keep_last=config.keep_last)
+        else:
+            self.ckpt = CheckpointManager(self.run_dir, keep_last=config.keep_last)
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from: int | None = None
-        if self.ckpt.latest() is not None:
-            self._restore(self.ckpt.load())
+        latest = self.ckpt.latest()
+        if latest is not None:
+            self._load(latest)
             self.resumed_from = self.step
         self.metrics: Metrics | None = None
 
     # -------------------------------------------------------------------------------------------- state
     def _state(self) -> dict:
-        return {"optimizer": optimizer_state_dict(self.model, self.optimizer), "rng": capture_rng_state(),
+        optimizer = optimizer_state_dict(self.model, self.optimizer) if self.parallel is None else None
+        return {"optimizer": optimizer, "rng": capture_rng_state(),
                 "data": self.batches.state_dict(), "guard": self.guard.state_dict(),
                 "trainer": {"step": self.step, "tokens_seen": self.tokens_seen, "stage": self.stage}}
+
+    def _load(self, path: Path) -> None:
+        if self.parallel is None:
+            self._restore(self.ckpt.load(path))
+            return
+        state = self.ckpt.load_distributed(path, self.model, self.optimizer, self.model.config)
+        self._restore_state(state)
 
     def _restore(self, ckpt: dict) -> None:
         own = self.model.state_dict()
@@ -230,6 +252,9 @@ class Trainer:
                 own[k].copy_(v)
         state = ckpt["state"]
         load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        self._restore_state(state)
+
+    def _restore_state(self, state: dict) -> None:
         self.batches.load_state_dict(state["data"])
         self.guard.load_state_dict(state["guard"])
         restore_rng_state(state["rng"])
@@ -239,6 +264,11 @@ class Trainer:
             m.expert_load.zero_()
 
     def save(self, *, blocking: bool = False) -> None:
+        if self.parallel is not None:  # optimizer through DCP with the model; the rest per rank
+            state = {k: v for k, v in self._state().items() if k != "optimizer"}
+            self.ckpt.save_distributed(self.step, self.model, self.optimizer, config=self.model.config, state=state,
+                                       blocking=blocking)
+            return
         self.ckpt.save(self.step, model_state=self.model.state_dict(), model_meta=self.model.config,
                        state=self._state(), blocking=blocking)
 
@@ -252,11 +282,11 @@ class Trainer:
             return {}
         peak = peak_flops(self.device, torch.bfloat16 if cfg.bf16 else torch.float32)
         flops_per_token = self.model.flops_per_token(self.seq_len) if self.seq_len else 0.0
-        self.metrics = Metrics(self.run_dir / "metrics.jsonl", self.step, self.stage)
+        self.metrics = Metrics(self.run_dir / "metrics.jsonl", self.step, self.stage) if self.is_main else _NoMetrics()
         if cfg.compile and not getattr(self.model, "_compiled_call_impl", None):
             self.model.compile()
         watchdog = Watchdog(cfg.watchdog_seconds)
-        bar = _progress(cfg.progress, self.step, cfg.steps, self.stage)
+        bar = _progress(cfg.progress and self.is_main, self.step, cfg.steps, self.stage)
         last_save = time.monotonic()
         last = {}
         self.model.train()
@@ -310,22 +340,37 @@ class Trainer:
         mtp_w = mtp_weight_at(self.step, cfg.steps, first=cfg.mtp_weight, then=cfg.mtp_weight_late)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext())
         total_loss, parts, tokens = 0.0, {}, 0
-        for _ in range(cfg.grad_accum):
+        par = self.parallel
+        for micro in range(cfg.grad_accum):
             batch = next(self.batches)
             tokens += batch_tokens(batch)
-            with autocast:
-                loss, extra = self.loss_fn(model, batch, mtp_w)
-            (loss / cfg.grad_accum).backward()
+            # DDP/FSDP reduce gradients on the step's last micro-batch only.
+            with par.grad_sync(micro == cfg.grad_accum - 1) if par is not None else nullcontext():
+                with autocast:
+                    loss, extra = self.loss_fn(self.forward_model, batch, mtp_w)
+                (loss / cfg.grad_accum).backward()
             total_loss += loss.detach().float() / cfg.grad_accum
             for k, v in extra.items():
                 parts[k] = parts.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v) / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+        if par is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+        else:
+            grad_norm = par.clip_grad_norm_(model, cfg.clip)
+            # One all-reduce for everything logged, so the guard sees the global loss and decides alike everywhere.
+            keys = sorted(parts)
+            vec = torch.stack([torch.as_tensor(x, dtype=torch.float32, device=self.device).reshape(())
+                               for x in [total_loss, float(tokens), *(parts[k] for k in keys)]])
+            vec = par.mean_(vec)
+            total_loss, tokens = vec[0], round(float(vec[1]) * par.world_size)
+            parts = dict(zip(keys, vec[2:]))
         loss_value, grad_value = float(total_loss), float(grad_norm)  # the step's one host sync
         verdict = self.guard.check(loss_value, grad_value, batch=position)
         record = {"stage": self.stage, "step": self.step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
                   "mtp_weight": mtp_w, "tokens": tokens, **{k: float(v) for k, v in parts.items()}}
         if verdict.ok:
             self.optimizer.step()
+            if par is not None:
+                par.reduce_expert_loads(model)  # loads summed across ranks before the bias update
             loads = update_expert_bias(model, cfg.bias_gamma) if model.moe_layers() else None
             if loads is not None and loads.numel():
                 record["expert_load"] = loads.tolist()
@@ -353,7 +398,7 @@ class Trainer:
             raise RuntimeError(f"[{self.stage}] {verdict.detail}, and there is no checkpoint to roll back to; "
                                f"lower the learning rate or check the data")
         # Guard.load_state_dict takes the checkpoint's window but merges in the bad batches found since.
-        self._restore(self.ckpt.load(path))
+        self._load(path)
         self.log(f"[{self.stage}] rollback to {path.name} after {verdict.detail}; the batches that triggered it "
                  f"will be skipped")
         self.metrics.write({"stage": self.stage, "step": self.step, "event": "rollback", "to": path.name,
@@ -372,11 +417,18 @@ class Trainer:
 def _fault_injection(step: int) -> None:
     """Drills for the restart path, in the first attempt of a run only (not after a launcher restart):
     NANOSEEK_FAULT_HANG_AT_STEP=N hangs after step N (the watchdog must end it), NANOSEEK_FAULT_CRASH_AT_STEP=N
-    kills the process with SIGKILL after step N. The tests use them end to end; users can run the same drill."""
+    kills the process with SIGKILL after step N, NANOSEEK_FAULT_STOP_AT_STEP=N freezes it with SIGSTOP (a hung
+    rank that cannot even run its own watchdog: the other ranks' watchdogs must notice). With
+    NANOSEEK_FAULT_RANK=r only rank r (torchrun's RANK) does it. The tests use them end to end; users can run the
+    same drill."""
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if os.environ.get("NANOSEEK_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     if os.environ.get("NANOSEEK_FAULT_CRASH_AT_STEP") == str(step):
         os.kill(os.getpid(), 9)
+    if os.environ.get("NANOSEEK_FAULT_STOP_AT_STEP") == str(step):
+        os.kill(os.getpid(), 19)  # SIGSTOP
     if os.environ.get("NANOSEEK_FAULT_HANG_AT_STEP") == str(step):
         while True:
             time.sleep(3600)
@@ -388,6 +440,14 @@ def _progress(enabled: bool, initial: int, total: int, stage: str):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=stage, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+class _NoMetrics:
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self):
+        pass
 
 
 class _NoBar:
@@ -402,15 +462,22 @@ class _NoBar:
 
 
 def evaluate_lm(model: Transformer, batches: Callable[[], Iterator], bytes_per_token: float | None = None,
-                max_batches: int | None = None) -> dict:
-    """Validation loss (next-token CE, no MTP) and bits per byte = loss / ln 2 / (bytes per token)."""
+                max_batches: int | None = None, parallel=None) -> dict:
+    """Validation loss (next-token CE, no MTP) and bits per byte = loss / ln 2 / (bytes per token). With `parallel`
+    each rank evaluates its shard of the rows (every rank must call this: FSDP gathers weights in the forward) and
+    the sums are reduced."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for i, (inputs, targets) in enumerate(batches()):
         if max_batches is not None and i >= max_batches:
             break
-        logits = model(inputs)
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        logits = model(inputs.to(device))
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(),
+                                                   reduction="sum").item()
         count += targets.numel()
+    if parallel is not None:
+        sums = parallel.mean_(torch.tensor([total, float(count)], dtype=torch.float64, device=device))
+        total, count = float(sums[0]), float(sums[1])
     loss = total / max(count, 1)
     out = {"val/loss": loss}
     if bytes_per_token:

@@ -68,7 +68,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with code 75 if no step finishes for this long (for torchrun --max-restarts)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("scale-out (under torchrun; --batch-size is per process)")
+    g.add_argument("--dp", choices=("ddp", "fsdp"), help="data parallelism: DDP, or FSDP2 (fully_shard per block); "
+                                                         "default ddp when torchrun starts more than one process")
+    g.add_argument("--ep", type=int, default=1, help="expert parallelism: routed experts sharded over this many "
+                                                     "processes, tokens moved by all-to-all (with --dp fsdp)")
+    g.add_argument("--hierarchical", action="store_true",
+                   help="DDP gradients through the two-level (HFReduce-style) allreduce: in node, across, broadcast")
+    g.add_argument("--node-size", type=int, help="processes per node for --hierarchical (default LOCAL_WORLD_SIZE; "
+                                                 "smaller values simulate several nodes on one machine)")
+    g.add_argument("--fp8", action="store_true", help="blockwise FP8 GEMMs in attention and expert/MLP projections "
+                                                      "(V3 sec. 3.3; emulated on CPUs)")
     return p
+
+
+def _setup_parallel(args):
+    import os
+
+    if args.dp is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None  # the single-process path, unchanged
+    from ..dist import Parallel
+
+    return Parallel.setup(args.dp or "ddp", ep=args.ep, node_size=args.node_size, hierarchical=args.hierarchical)
+
+
+def _setup_verdict(parallel, ok: bool | None = None) -> bool:
+    """Rank 0 prepares the run dir, tokenizer and data cache alone and broadcasts whether it could; the other ranks
+    wait for that, then read what it wrote."""
+    import torch.distributed as dist
+
+    box = [ok]
+    dist.broadcast_object_list(box, src=0, group=parallel.ckpt_group)
+    return bool(box[0])
 
 
 def ensure_tokenizer(run_dir: Path, data_paths, vocab_size) -> Tokenizer:
@@ -101,6 +132,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir
+    parallel = _setup_parallel(args)
+    if parallel is not None and not parallel.is_main and not _setup_verdict(parallel):
+        return 2
+    ok = False
     try:
         tok = ensure_tokenizer(run_dir, args.data, args.vocab_size)
         if args.init:
@@ -114,21 +149,33 @@ def main(argv=None) -> int:
         run_config = {"stage": "pretrain", "model": config.to_hf_dict(), **{
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
             if k not in ("run_dir", "no_progress", "threads", "compile", "save_every", "save_minutes", "keep_last",
-                         "watchdog", "eval_every", "eval_batches")}}
+                         "watchdog", "eval_every", "eval_batches", "dp", "ep", "hierarchical", "node_size")}}
         resuming = prepare_run_dir(run_dir, run_config)
         corpus = data.load_corpus(tok, args.data, cache_dir=run_dir / "cache", log=print)
+        ok = True
     except (data.DataError, OSError, ValueError) as e:
         print(f"nanoseek pretrain: {e}", file=sys.stderr)
         return 2
+    finally:
+        if parallel is not None and parallel.is_main:
+            _setup_verdict(parallel, ok)
+    rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
     torch.manual_seed(args.seed)
     model = Transformer.from_pretrained(args.init) if args.init else Transformer(config)
+    if args.fp8:
+        from ..fp8 import swap_to_fp8
+
+        swap_to_fp8(model)
+    if parallel is not None:
+        parallel.wrap(model)  # before the optimizer: FSDP2 replaces the parameters with sharded ones
     optimizer = build_optimizer(model, args.lr, weight_decay=args.weight_decay)
-    loader = data.PackedLoader(corpus, tok, args.batch_size, args.seq_len, seed=args.seed, fim_rate=args.fim_rate)
+    loader = data.PackedLoader(corpus, tok, args.batch_size, args.seq_len, seed=args.seed, fim_rate=args.fim_rate,
+                               rank=rank, world_size=world)
     bpt = data.val_bytes_per_token(corpus, tok, args.seq_len)
 
     def eval_fn(m):
-        return evaluate_lm(m, lambda: data.val_batches(corpus, tok, args.batch_size, args.seq_len), bpt,
-                           max_batches=args.eval_batches)
+        return evaluate_lm(m, lambda: data.val_batches(corpus, tok, args.batch_size, args.seq_len, rank, world), bpt,
+                           max_batches=args.eval_batches, parallel=parallel)
 
     cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup=args.warmup, schedule=args.schedule,
                       grad_accum=args.grad_accum, clip=args.clip, bf16=args.bf16, compile=args.compile, bias_gamma=args.bias_gamma,
@@ -136,14 +183,20 @@ def main(argv=None) -> int:
                       save_every=args.save_every, save_minutes=args.save_minutes, keep_last=args.keep_last,
                       eval_every=args.eval_every, watchdog_seconds=args.watchdog, progress=not args.no_progress)
     counts = model.param_counts()
+    if parallel is not None and not parallel.is_main:
+        sys.stdout = open("/dev/null" if sys.platform != "win32" else "nul", "w")  # only rank 0 talks
     print(f"pretrain: {args.preset} ({counts['total'] / 1e6:.1f}M params, {counts['active'] / 1e6:.1f}M active), "
           f"{args.steps} steps x {args.grad_accum * args.batch_size} x {args.seq_len} tokens, lr {args.lr:g} "
           f"({args.schedule}), run dir {run_dir}" + (" [resuming]" if resuming else ""))
     t0 = time.time()
-    trainer = Trainer(model, optimizer, loader, run_dir, cfg, stage="pretrain", eval_fn=eval_fn, seq_len=args.seq_len)
+    trainer = Trainer(model, optimizer, loader, run_dir, cfg, stage="pretrain", eval_fn=eval_fn, seq_len=args.seq_len,
+                      parallel=parallel)
     last = trainer.fit()
     if last:
         val = f", val loss {last['val/loss']:.3f} ({last['val/bpb']:.3f} bits/byte)" if "val/loss" in last else ""
         print(f"pretrain: done, step {trainer.step}, loss {last['loss']:.3f}{val} in {time.time() - t0:.0f}s; "
               f"checkpoint {trainer.ckpt.latest()}")
+    if parallel is not None:
+        parallel.barrier()
+        parallel.close()
     return 0
