@@ -395,7 +395,8 @@ class Engine:
         r._deliver()
 
     def _view(self, start: int, stop: int) -> LatentCache:
-        return LatentCache(self.cache.kv[:, start:stop], self.cache.pe[:, start:stop])
+        c = self.cache
+        return LatentCache(c.kv[:, start:stop], c.pe[:, start:stop], None if c.idx is None else c.idx[:, start:stop])
 
     def _compact(self) -> None:
         """Keep active rows at 0..N-1: move the last live rows into the holes finished ones left."""
@@ -415,6 +416,8 @@ class Engine:
             S = max(len(rows[j].prompt) + len(rows[j].output) for j in movers) + 1
             self.cache.kv[:, dst, :S] = self.cache.kv[:, src, :S]
             self.cache.pe[:, dst, :S] = self.cache.pe[:, src, :S]
+            if self.cache.idx is not None:  # DSA indexer keys
+                self.cache.idx[:, dst, :S] = self.cache.idx[:, src, :S]
             for t in (self.last, self.pos, self.draft, self.temperature, self.top_k, self.top_p, self.draft_q):
                 t[dst] = t[src]
         new = rows[:n]
