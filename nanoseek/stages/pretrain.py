@@ -11,25 +11,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .. import data
+from .. import data, scaling
 from ..config import PRESETS, ModelConfig
 from ..model import Transformer
 from ..optim import SCHEDULES, build_optimizer
 from ..tokenizer import Tokenizer
 from ..trainer import Trainer, TrainConfig, evaluate_lm, prepare_run_dir
 
-# Per-preset defaults: small models want a high learning rate and short sequences on a CPU.
+# Per-preset defaults: short sequences on a CPU. Learning rate and batch size come from DeepSeek LLM's scaling laws
+# for the model's M and --steps (nanoseek.scaling.pretrain_hparams) unless given, or from the run dir when resuming.
 DEFAULTS = {
-    "tiny": dict(batch_size=8, seq_len=128, lr=3e-3, warmup=20),
-    "small": dict(batch_size=8, seq_len=256, lr=2e-3, warmup=50),
+    "tiny": dict(seq_len=128, warmup=20),
+    "small": dict(seq_len=256, warmup=50),
 }
-FALLBACK = dict(batch_size=8, seq_len=1024, lr=4.2e-4, warmup=2000)  # DeepSeek LLM 7B's peak LR
+FALLBACK = dict(seq_len=1024, warmup=2000)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset (default tiny)")
     p.add_argument("--init", type=Path, help="start from this HF-format checkpoint instead of random weights")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (preset default)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: the scaling law's batch for "
+                                                   "this model and --steps, see nanoseek plan)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (preset default)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (preset default)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the scaling law's, capped at 3e-3)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps (preset default)")
     p.add_argument("--schedule", default="multistep", choices=SCHEDULES,
                    help="LR schedule after warm-up: DeepSeek LLM's multi-step (default), cosine or constant")
@@ -146,6 +149,15 @@ def main(argv=None) -> int:
         if config.vocab_size < tok.vocab_size:
             raise SystemExit(f"the model's vocab_size {config.vocab_size} is smaller than the tokenizer's "
                              f"{tok.vocab_size}")
+        if args.lr is None or args.batch_size is None:  # resuming keeps what the run started with (--steps may grow)
+            started = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+            lr, batch_size, hp = scaling.pretrain_hparams(config, args.steps, args.seq_len, args.grad_accum)
+            args.lr = args.lr or started.get("lr") or lr
+            args.batch_size = args.batch_size or started.get("batch_size") or batch_size
+            if not started:
+                print(f"pretrain: scaling laws (DeepSeek LLM sec. 3.1) for C = {hp.compute:.3g}: batch "
+                      f"{hp.batch_tokens:.0f} tokens, lr {hp.lr_law:.3g}" + (" (capped)" if hp.lr < hp.lr_law else "")
+                      + ("" if hp.in_range else " [C below the fitted 1e17..3e20: extrapolated]"))
         run_config = {"stage": "pretrain", "model": config.to_hf_dict(), **{
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
             if k not in ("run_dir", "no_progress", "threads", "compile", "save_every", "save_minutes", "keep_last",
@@ -200,3 +212,4 @@ def main(argv=None) -> int:
         parallel.barrier()
         parallel.close()
     return 0
+
