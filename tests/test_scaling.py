@@ -144,3 +144,33 @@ def test_plan_cli_hours_text_and_from_run(tmp_path, capsys):
     assert "MFU 0.300 (measured in" in out
     assert ModelConfig.load(tmp_path / "config.json").is_moe
     assert plan_stage.main(["--compute", "-1"]) == 2
+
+
+def test_scaling_stage_end_to_end_and_resume(tmp_path, capsys):
+    import os
+    import shutil
+    from pathlib import Path
+
+    from nanoseek.stages import scaling as scaling_stage
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(os.__file__).parent
+    for name in ("bisect.py", "heapq.py", "string.py", "textwrap.py", "json/decoder.py", "json/encoder.py"):
+        shutil.copy(stdlib / name, corpus / name.replace("/", "_"))
+    run = tmp_path / "run"
+    argv = ["--run-dir", str(run), "--data", str(corpus), "--vocab-size", "384", "--seq-len", "32",
+            "--budgets", "6e8", "1.2e9", "--sizes", "3", "--span", "2", "--eval-batches", "2", "--threads", "1"]
+    assert scaling_stage.main(argv) == 0
+    results = sorted(run.glob("points/*/result.json"))
+    assert len(results) == 6
+    r = json.loads(results[0].read_text())
+    assert r["compute"] == pytest.approx(r["budget"], rel=0.25) and math.isfinite(r["loss"])
+    summary = json.loads((run / "scaling.json").read_text())
+    assert len(summary["points"]) == 6 and summary["fit"]["paper"]["m_law"] == [0.1715, 0.5243]
+    assert (run / "plots" / "isoflop.png").stat().st_size > 0
+    capsys.readouterr()
+    mtimes = [p.stat().st_mtime for p in results]
+    assert scaling_stage.main(argv) == 0  # again: every point is skipped, only the fits are redone
+    assert [p.stat().st_mtime for p in results] == mtimes
+    assert "6 points" in capsys.readouterr().out
