@@ -167,12 +167,13 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _optimizer_options():
+def _optimizer_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # Flattened keys ("state.<param fqn>.exp_avg") are tied to parameter names, not to positions, so the
-    # state survives a change of parameter order and is the same on one process and under FSDP2.
-    return StateDictOptions(flatten_optimizer_state_dict=True)
+    # State keyed by parameter name ({"state": {fqn: {...}}, "param_groups": [{"params": [fqn, ...]}]}), not by
+    # position, so it survives a change of parameter order and is the same on one process and under FSDP2. Not
+    # the flattened form: its loader turns a parameter without state into a broken entry (torch 2.13).
+    return StateDictOptions(flatten_optimizer_state_dict=False, strict=strict)
 
 
 def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -189,7 +190,9 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimize
 def load_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=_optimizer_options())
+    # Not strict: a trainable parameter that never got a gradient (e.g. the MTP module when its loss weight is 0)
+    # has no AdamW state yet, and that is a legitimate state to resume from.
+    set_optimizer_state_dict(model, optimizer, state, options=_optimizer_options(strict=False))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -210,3 +210,24 @@ def test_torchrun_restarts_after_hang_or_crash(tmp_path, corpus_dir, fault):
     a, b = final_weights(ref), final_weights(run)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_when_some_parameters_never_had_a_gradient(tmp_path):
+    """With the MTP loss weight at 0 the MTP module gets no gradient and so no AdamW state; resuming must still
+    work and continue exactly as an uninterrupted run."""
+    def run(run_dir, steps, stop_at=None):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_name("tiny", vocab_size=64))
+        cfg = TrainConfig(steps=steps, lr=1e-3, progress=False, mtp_weight=0.0, mtp_weight_late=0.0, save_every=2)
+        return Trainer(model, build_optimizer(model, 1e-3), Batches(), run_dir, cfg, loss_fn=poisoned_loss,
+                       log=lambda s: None)
+
+    ref = run(tmp_path / "ref", 6)
+    ref.fit()
+    first = run(tmp_path / "b", 4)
+    first.fit()
+    second = run(tmp_path / "b", 6)  # a new process would do exactly this
+    assert second.step == 4
+    second.fit()
+    for (k, a), (_, b) in zip(ref.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), k
