@@ -7,10 +7,10 @@ backward, attention included, vocabulary excluded), D data scale (tokens), C = M
 M for a nanoseek model (`model_scale`) is built on Transformer.flops_per_token, which counts 2 FLOPs per active
 matmul weight (routed experts at top-k / n_routed, MLA in its expanded training form, the lm_head included),
 attention scores + values over the whole sequence (no causal discount, as MFU is reported), times 3 for
-training. DeepSeek's M (sec. 3.2, eq. 2: M = 72 n_layer d^2 + 6 n_layer d l_seq for their dense models) differs
+training. DeepSeek's M (sec. 3.2: M = 72 n_layer d^2 + 6 n_layer d l_seq for their dense models) differs
 from that in three ways, so model_scale takes them out:
-  - no lm_head: M "does not take into account the vocabulary computation" (the 6 N_2 it is contrasted with adds
-    the vocabulary's 6 n_vocab d);
+  - no lm_head: M includes attention but not the vocabulary computation (the paper contrasts it with 6 N_1,
+    non-embedding parameters, and 6 N_2, which adds the vocabulary's 6 n_vocab d);
   - causal attention: 6 n_layer d l_seq is 3 x (QK^T + AV = 4 d l_seq per token) / 2, the half of the score
     matrix a causal mask keeps; flops_per_token counts the full matrix;
   - the main model only: MTP modules are an auxiliary objective that the paper's dense models did not have.
@@ -31,14 +31,16 @@ import torch
 from .config import ModelConfig
 
 # ------------------------------------------------------------------------------------------------ the laws
-# DeepSeek LLM sec. 3.1, eq. (1): eta_opt = 0.3118 C^-0.1250, B_opt = 0.2920 C^0.3271 (B in tokens).
+# DeepSeek LLM sec. 3.1: eta_opt = 0.3118 C^-0.1250, B_opt = 0.2920 C^0.3271 (B in tokens). Checked by giving back
+# the paper's own settings (tests/test_scaling.py): 7B lr 4.2e-4 / batch 2304 x 4096 and 67B 3.2e-4 / 4608 x 4096
+# come out within 3% / 10% with C = M * 2T tokens.
 LR_COEF, LR_EXP = 0.3118, -0.1250
 BATCH_COEF, BATCH_EXP = 0.2920, 0.3271
-# Sec. 3.2, eq. (4): M_opt = 0.1715 C^0.5243, D_opt = 5.8316 C^0.4757 (M_base * D_base ~ 1, a + b = 1: M D = C).
+# Sec. 3.2: M_opt = 0.1715 C^0.5243, D_opt = 5.8316 C^0.4757 (M_base * D_base = 1.0001 and a + b = 1, so M D = C).
 M_COEF, M_EXP = 0.1715, 0.5243
 D_COEF, D_EXP = 5.8316, 0.4757
-# Budgets the paper fitted on: its hyperparameter and IsoFLOP experiments span about 1e17 .. 3e20 FLOPs (Fig. 3-4);
-# everything outside is extrapolation. A CPU run here is 1e11 .. 1e14.
+# Budgets the paper fitted on: its hyperparameter and IsoFLOP experiments span roughly 1e17 .. 3e20 FLOPs (its
+# figures for sec. 3.1-3.2); everything outside is extrapolation. A CPU run here is 1e11 .. 1e15.
 FITTED_RANGE = (1e17, 3e20)
 # Clamp for extrapolated learning rates: eta_opt grows as C shrinks (0.0122 for the tiny preset's 200 steps,
 # C = 1.8e11). Measured there (tiny, 200 steps x 11 x 128, dev/LOG.md issue 11): val loss 6.345 at lr 1e-2 (a grad
@@ -68,7 +70,7 @@ def in_fitted_range(C: float) -> bool:
 
 
 def deepseek_m(n_layer: int, d_model: int, seq_len: int) -> float:
-    """The paper's M for its dense (LLaMA-like) models, sec. 3.2 eq. (2)."""
+    """The paper's M for its dense (LLaMA-like) models, sec. 3.2."""
     return 72 * n_layer * d_model**2 + 6 * n_layer * d_model * seq_len
 
 

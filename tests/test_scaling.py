@@ -40,14 +40,14 @@ def test_m_moe_hand_count_counts_active_experts_only():
 
 
 def test_paper_formula_for_its_dense_models():
-    # DeepSeek LLM sec. 3.2 eq. (2): M = 72 n_layer d^2 + 6 n_layer d l_seq.
+    # DeepSeek LLM sec. 3.2: M = 72 n_layer d^2 + 6 n_layer d l_seq.
     assert scaling.deepseek_m(30, 4096, 4096) == 72 * 30 * 4096**2 + 6 * 30 * 4096 * 4096
 
 
 @pytest.mark.parametrize("layers, width, lr, batch_seqs", [(30, 4096, 4.2e-4, 2304), (95, 8192, 3.2e-4, 4608)])
 def test_laws_give_back_the_papers_7b_and_67b_settings(layers, width, lr, batch_seqs):
     # DeepSeek LLM Table 2: 7B (30 layers, d 4096) lr 4.2e-4, batch 2304 x 4096; 67B (95, 8192) lr 3.2e-4,
-    # batch 4608 x 4096; both trained on 2T tokens. C = M * D with M from eq. (2).
+    # batch 4608 x 4096; both trained on 2T tokens. C = M * D with M from sec. 3.2.
     C = scaling.deepseek_m(layers, width, 4096) * 2e12
     assert scaling.lr_opt(C) == pytest.approx(lr, rel=0.03)
     assert scaling.batch_opt(C) == pytest.approx(batch_seqs * 4096, rel=0.10)
