@@ -255,7 +255,19 @@ class Parallel:
         else:
             device, backend = torch.device("cpu"), "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            timeout = datetime.timedelta(seconds=timeout_s)
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            if restart is None:
+                dist.init_process_group(backend, timeout=timeout)
+            else:
+                # torchrun keeps one TCP store for all restarts of the worker group (shared with its rendezvous):
+                # without a per-attempt prefix a restarted rank reads the dead ranks' gloo addresses and fails
+                # with "connectFullMesh ... Connection refused".
+                agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                      is_master=rank == 0 and not agent_store, timeout=timeout)
+                dist.init_process_group(backend, store=dist.PrefixStore(f"nanoseek/attempt_{restart}", store),
+                                        rank=rank, world_size=world, timeout=timeout)
         return cls(dp, rank, world, local_rank, device, ep=ep, node_size=node_size, hierarchical=hierarchical)
 
     @property
