@@ -236,6 +236,9 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         if self.parallel is None:
+            if (path / "dcp").is_dir():
+                raise RunDirError(f"{path} was written by a multi-process run (sharded, dcp/); resume it under "
+                                  f"torchrun or with --dp (any number of processes), or use a new --run-dir")
             self._restore(self.ckpt.load(path))
             return
         state = self.ckpt.load_distributed(path, self.model, self.optimizer, self.model.config)
@@ -379,8 +382,7 @@ class Trainer:
             for m in model.moe_layers():
                 m.expert_load.zero_()
         self.optimizer.zero_grad(set_to_none=True)
-        if verdict.rollback:
-            self._rollback(verdict)
+        if verdict.rollback and self._rollback(verdict):
             return None
         self.step += 1
         self.tokens_seen += tokens
@@ -391,18 +393,26 @@ class Trainer:
             self.log(f"[{self.stage}] step {self.step}: skipped ({verdict.reason}: {verdict.detail})")
         return record
 
-    def _rollback(self, verdict) -> None:
+    def _rollback(self, verdict) -> bool:
         self.ckpt.wait()
         path = self.ckpt.latest()
         if path is None:
-            raise RuntimeError(f"[{self.stage}] {verdict.detail}, and there is no checkpoint to roll back to; "
-                               f"lower the learning rate or check the data")
+            # Nothing to roll back to (the anomalies came before the first checkpoint): the steps were skipped;
+            # start the statistics afresh so a new regime (e.g. a grown gradient norm) is judged on its own.
+            self.guard.losses.clear()
+            self.guard.grad_norms.clear()
+            self.log(f"[{self.stage}] WARNING: {verdict.detail}, and no checkpoint yet to roll back to; the steps "
+                     f"were skipped and the spike statistics restart. If this repeats, lower the learning rate.")
+            self.metrics.write({"stage": self.stage, "step": self.step, "event": "guard_reset",
+                                "reason": verdict.reason})
+            return False
         # Guard.load_state_dict takes the checkpoint's window but merges in the bad batches found since.
         self._load(path)
         self.log(f"[{self.stage}] rollback to {path.name} after {verdict.detail}; the batches that triggered it "
                  f"will be skipped")
         self.metrics.write({"stage": self.stage, "step": self.step, "event": "rollback", "to": path.name,
                             "reason": verdict.reason})
+        return True
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -231,3 +231,13 @@ def test_resume_when_some_parameters_never_had_a_gradient(tmp_path):
     second.fit()
     for (k, a), (_, b) in zip(ref.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_anomaly_streak_before_any_checkpoint_skips_and_restarts_statistics(tmp_path):
+    poison = {p: "nan" for p in range(5, 8)}
+    trainer = make_trainer(tmp_path, Batches(poison=poison), steps=10, guard_max_consecutive=3)
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    assert [r["event"] for r in rows if "event" in r] == ["guard_reset"]
+    assert trainer.step == 10 and len(trainer.guard.losses) == 2  # the window restarted after step 8
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
