@@ -134,15 +134,17 @@ def plot(fit: scaling.IsoFlopFit, results: list[dict], path: Path) -> None:
     for C, color in zip(budgets, colors):
         pts = sorted((r["M"], r["loss"]) for r in results if r["budget"] == C)
         ax1.plot(*zip(*pts), "o", color=color, label=f"C = {C:.1e}")
+        xs = np.geomspace(pts[0][0] / 1.5, pts[-1][0] * 1.5, 100)
         if C in fit.budgets:
             par = fit.parabolas[fit.budgets.index(C)]
-            xs = np.geomspace(pts[0][0] / 1.5, pts[-1][0] * 1.5, 100)
             ax1.plot(xs, par(xs), "-", color=color, alpha=0.7)
             ax1.plot([par.argmin], [par.min_loss], "*", color=color, markersize=14)
+        elif len(pts) >= 3:  # no usable minimum: the parabola dotted, for the eye
+            ax1.plot(xs, scaling.fit_parabola(*zip(*pts))(xs), ":", color=color, alpha=0.7)
     ax1.set_xscale("log")
     ax1.set_xlabel("M (non-embedding FLOPs/token)")
     ax1.set_ylabel("validation loss (nats/token)")
-    ax1.set_title("IsoFLOP profiles (star: parabola vertex)")
+    ax1.set_title("IsoFLOP profiles (star: vertex; dotted: no minimum inside)")
     ax1.legend(fontsize=8)
     cs = np.geomspace(min(budgets) / 2, max(budgets) * 2, 50)
     for law, opts, paper, color, label in ((fit.m_law, fit.m_opt, (scaling.M_COEF, scaling.M_EXP), "C0", "M_opt"),
