@@ -51,17 +51,23 @@ IGNORE = -100
 class PasskeyTask:
     """Passkey retrieval (Mohtashami & Jaggi 2023, the test in YaRN and DeepSeek's needle-in-a-haystack plots):
 
-        <bos> [filler] The pass key is 71432. Remember it. [filler] What is the pass key? The pass key is 71432
+        <bos> [filler] The pass key is 71432. Remember it. [filler] What was the pass key? The pass key is 71432
 
     exactly T + 1 tokens. Digits are encoded one by one (one byte-level token each, whatever the BPE merges)."""
 
-    def __init__(self, tok: Tokenizer, digits: int = 5):
+    def __init__(self, tok: Tokenizer, digits: int = 5, max_period: int = 16):
         self.tok, self.digits = tok, digits
         self.intro = [tok.bos_id]
-        self.filler = tok.encode(" The grass is green. The sky is blue. The sun is yellow. Here we go. There and "
-                                 "back again.")
         self.before, self.after = tok.encode(" The pass key is"), tok.encode(". Remember it.")
-        self.question = tok.encode("\nWhat is the pass key? The pass key is")
+        # Filler: a random phrase of 3..max_period words repeated, drawn afresh per example. Its repeats train the
+        # copying (induction) heads that retrieval needs, which a tiny model does not find from 5 answer tokens per
+        # row; the random period stops it from copying by a fixed offset instead of by content. The words, like
+        # the question's, share no token with the " is" that precedes the key.
+        words = tok.encode(" Grass grows green. Skies stay blue. Suns shine bright. Here we go. There and back again")
+        special = set(self.before) | set(self.after) | {i for d in range(10) for i in tok.encode(str(d))}
+        self.words = sorted(set(words) - special)
+        self.max_period = max_period
+        self.question = tok.encode("\nWhat was the pass key? The pass key is")
         self.digit_ids = [tok.encode(str(d)) for d in range(10)]
 
     def min_len(self) -> int:
@@ -75,7 +81,8 @@ class PasskeyTask:
         n_fill = seq_len + 1 - (len(self.intro) + len(needle) + len(self.question) + len(key))
         if n_fill < 0:
             raise ValueError(f"passkey examples need seq_len >= {self.min_len()}, got {seq_len}")
-        fill = (self.filler * (n_fill // len(self.filler) + 1))[:n_fill]
+        phrase = [rng.choice(self.words) for _ in range(rng.randint(3, self.max_period))]
+        fill = (phrase * (n_fill // len(phrase) + 1))[:n_fill]
         depth = rng.randint(0, n_fill)  # where the needle sits, uniform over the filler
         return self.intro + fill[:depth] + needle + fill[depth:] + self.question + key, len(key)
 
