@@ -91,7 +91,10 @@ def select_topk(scores_BTS: Tensor, visible_BTS: Tensor, topk: int) -> tuple[Ten
     """The top-k visible keys per query: indices [B, T, k] and whether each is visible [B, T, k] (a query with
     fewer than k visible keys gets some invisible ones, which attention must mask). k = min(topk, S)."""
     k = min(topk, scores_BTS.shape[-1])
-    idx_BTk = scores_BTS.masked_fill(~visible_BTS, float("-inf")).topk(k, dim=-1, sorted=False).indices
+    # A stable descending sort, not topk: ReLU-gated scores tie often (at 0), and topk breaks ties differently for
+    # different S, so prefill, decode and full recompute would pick different keys. Stable: the earliest key wins.
+    idx_BTk = scores_BTS.masked_fill(~visible_BTS, float("-inf")).sort(dim=-1, descending=True,
+                                                                        stable=True).indices[..., :k]
     return idx_BTk, visible_BTS.gather(-1, idx_BTk)
 
 

@@ -332,8 +332,6 @@ def test_cache_report_and_run_dir_resolution(model, tmp_path, tok):
         resolve_model_dir(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="model.py: absorbed DSA decode of rows at different positions diverges from "
-                   "recompute even through the model API alone (no engine); reported to the model owner")
 def test_dsa_model_rows_move_with_their_indexer_keys():
     # V3.2 sparse attention keeps indexer keys in the cache too; compaction must move them with the latents.
     torch.manual_seed(0)
