@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.engine import load
+from nanoseek.posttrain import load_init as load
 from nanoseek.stages import extend
 from nanoseek.tokenizer import Tokenizer
 
@@ -32,7 +32,7 @@ from nanoseek.tokenizer import Tokenizer
 def train(init: Path, run_dir: Path, seq_len: int, factor: float, steps: int, batch: int, lr: float, args) -> Path:
     argv = ["--init", init, "--run-dir", run_dir, "--seq-len", seq_len, "--factor", factor, "--original-length",
             args.L, "--passkey-rate", 1, "--steps", steps, "--batch-size", batch, "--lr", lr, "--warmup",
-            min(50, steps // 10), "--eval-every", 0, "--save-every", steps, "--no-progress", "--seed", args.seed]
+            min(50, steps // 10), "--eval-every", 0, "--guard-sigma", "inf", "--save-every", steps, "--no-progress", "--seed", args.seed]
     if args.threads:
         argv += ["--threads", args.threads]
     t = time.time()

@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-lengths", help="comma-separated lengths for the passkey eval (default: --seq-len)")
     d.add_argument("--eval-n", type=int, default=64, help="passkey examples per length per eval (default 64)")
     p.add_argument("--mtp-weight", type=float, default=0.1, help="MTP loss weight (default 0.1)")
+    p.add_argument("--guard-sigma", type=float, default=6.0,
+                   help="skip steps whose loss or grad norm is this many sigma over the recent window (default 6; "
+                        "inf disables: a small model learning to copy has real grad-norm jumps the guard would skip)")
     pt.add_train_args(p, steps=200, lr=3e-4, batch_size=4, warmup=0, schedule="constant")
     for action in p._actions:
         if action.dest == "lr":
@@ -295,8 +298,9 @@ def main(argv=None) -> int:
     print(f"extend: {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, {rope}{sparse}, lr {args.lr:g}, "
           f"passkey rate {args.passkey_rate:g}, run dir {run_dir}" + (" [resuming]" if resuming else ""))
     t0 = time.time()
-    trainer = Trainer(model, optimizer, batches, run_dir, pt.train_config(args, mtp_weight=args.mtp_weight),
-                      stage="extend", eval_fn=eval_fn, seq_len=args.seq_len)
+    cfg = pt.train_config(args, mtp_weight=args.mtp_weight)
+    cfg.guard_sigma = args.guard_sigma
+    trainer = Trainer(model, optimizer, batches, run_dir, cfg, stage="extend", eval_fn=eval_fn, seq_len=args.seq_len)
     last = trainer.fit()
     if last:
         acc = ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in last.items() if k.startswith("passkey/"))
