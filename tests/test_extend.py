@@ -138,14 +138,14 @@ def test_extend_yarn_then_dsa_warmup_then_sparse(init_dir, tmp_path, capsys):
     common = ["--passkey-rate", "1", "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--eval-n", "2"]
     yarn = tmp_path / "yarn"
     assert run(["--init", init_dir, "--run-dir", yarn, "--seq-len", 128, "--original-length", 64,
-                "--eval-lengths", "64,128", *common]) == 0
+                "--eval-lengths", "64,128", "--guard-sigma", "inf", *common]) == 0  # inf: no spike skipping
     model_dir = next((yarn / "checkpoints").glob("step_*")) / "model"
     config = ModelConfig.load(model_dir)
     assert config.yarn["factor"] == 2.0 and config.yarn["original_max_position_embeddings"] == 64
     rows = read_metrics(yarn, "extend")
     assert {"passkey/acc@64", "passkey/acc@128"} <= set(rows[-1])
     assert run(["--init", init_dir, "--run-dir", yarn, "--seq-len", 128, "--original-length", 64,
-                "--eval-lengths", "64,128", *common]) == 0  # the same command again: finished, nothing to do
+                "--eval-lengths", "64,128", "--guard-sigma", "inf", *common]) == 0  # the same command again: finished, nothing to do
     assert "nothing to do" in capsys.readouterr().out
 
     warm = tmp_path / "warm"
