@@ -15,6 +15,23 @@ V3.2 indexer with heads/2 indexer heads of 128 and top-k 2048 (V3.2: 64 x 128 be
 
 Times are medians of --reps runs on whatever this machine is doing; the ratios matter, not the milliseconds.
 The table ends with where DSA first beats dense, and the FLOP-count crossover for comparison.
+
+Recorded at commit 4981877, `python bench/attention.py --reps 3`, 2 shared CPU cores, fp32 (noisy: 4096 vs 8192):
+
+         S | decode dense      dsa  ratio flops ratio | prefill dense dsa-masked dsa-gathered  ratio
+      1024 |       1.84ms   2.37ms  0.78x       0.94x |         192ms      248ms        646ms  0.30x
+      2048 |       2.43ms   3.13ms  0.78x       0.94x |        1035ms     1417ms       2775ms  0.37x
+      4096 |       7.17ms   6.98ms  1.03x       1.79x |        2132ms     3378ms       6625ms  0.32x
+      8192 |       5.75ms   4.07ms  1.41x       3.24x |       13507ms          -      16260ms  0.83x
+     16384 |      10.11ms   5.22ms  1.94x       5.44x |
+     32768 |      17.73ms   7.32ms  2.42x       8.24x |
+
+Decode: DSA wins from 4K (FLOP count: 2.2K; the gather and top-k are the fixed cost), 2.4x at 32K and growing.
+Prefill: DSA (gathered) has not caught up by 8K (0.83x) but closes fast, since dense expanded MLA falls off
+SDPA's flash kernel on CPU (v_head_dim != qk_head_dim: the math path holds H x S x S scores) and grows ~S^2 with
+a big constant; at S = 16K that path needs ~34 GB and was OOM-killed on this 23 GB machine, so --max-prefill
+stays at 8K. The masked form (training/prefill in nanoseek) always costs more than dense: it is dense attention
+plus the indexer, as V3.2 uses it only for short sequences.
 """
 
 from __future__ import annotations
