@@ -559,7 +559,8 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
     `checkpoints/latest` names `checkpoints/step_NNNNNN/`, with the HF folder in `model/` and the tokenizer in
     the run dir's `tokenizer/`)."""
     path = Path(path)
-    if (path / "config.json").is_file():
+    # A run dir first: its own config.json is the run's configuration, not a model's.
+    if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         model_dir = path
     elif (path / "checkpoints").is_dir():
         ckpts = path / "checkpoints"

@@ -340,3 +340,15 @@ def test_dsa_model_rows_move_with_their_indexer_keys():
     prompts = prompts_of([5, 17, 9], seed=7)
     out = [r.output for r in Engine(m, max_batch=2, max_len=64).generate(prompts, GREEDY)]
     assert out == [naive_greedy(m, p, 12) for p in prompts]
+
+
+def test_resolve_model_dir_prefers_the_run_dirs_checkpoint(tmp_path):
+    # A run dir has its own config.json (the run's options); the model is under checkpoints/latest.
+    from nanoseek.engine import resolve_model_dir
+
+    model_dir = tmp_path / "checkpoints" / "step_000004" / "model"
+    Transformer(ModelConfig.from_name("tiny", vocab_size=64)).save_pretrained(model_dir)
+    (tmp_path / "checkpoints" / "latest").write_text("step_000004\n")
+    (tmp_path / "config.json").write_text('{"stage": "sft", "steps": 4}')
+    assert resolve_model_dir(tmp_path)[0] == model_dir
+    assert resolve_model_dir(model_dir)[0] == model_dir
