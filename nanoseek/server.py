@@ -230,6 +230,18 @@ class Server:
         if any(r.finish_reason == "error" for r in reqs):
             raise APIError(500, "generation failed on the server (see its log)", type_="server_error")
 
+    async def finish_all(self, http: HTTPRequest, reqs: list[Request], q: asyncio.Queue) -> bool:
+        """A non-streamed response's wait: False if the client went away; the requests are cancelled either way
+        (a no-op for finished ones, and frees the slots of the others); a failed generation raises a 500."""
+        try:
+            if not await self.wait_all(http, reqs, q):
+                return False
+        finally:
+            for r in reqs:
+                r.cancel()
+        self.check_failed(reqs)
+        return True
+
     async def wait_all(self, http: HTTPRequest, reqs: list[Request], q: asyncio.Queue) -> bool:
         """Until every request finished; False (and everything cancelled) if the client went away."""
         left, next_check = len(reqs), time.monotonic() + 0.25
@@ -258,13 +270,8 @@ class Server:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if parsed.stream:
             return self._sse(self._chat_events(reqs, q, parsed, cid, created), reqs)
-        try:
-            if not await self.wait_all(http, reqs, q):
-                return JSONResponse({}, 499)
-        finally:
-            for r in reqs:
-                r.cancel()
-        self.check_failed(reqs)
+        if not await self.finish_all(http, reqs, q):
+            return JSONResponse({}, 499)
         choices = []
         for i, r in enumerate(reqs):
             reasoning, content = split_reply(r.text)
@@ -313,13 +320,8 @@ class Server:
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if parsed.stream:
             return self._sse(self._completion_events(reqs, q, parsed, cid, created), reqs)
-        try:
-            if not await self.wait_all(http, reqs, q):
-                return JSONResponse({}, 499)
-        finally:
-            for r in reqs:
-                r.cancel()
-        self.check_failed(reqs)
+        if not await self.finish_all(http, reqs, q):
+            return JSONResponse({}, 499)
         choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(reqs)]
         return {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
