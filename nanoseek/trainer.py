@@ -141,11 +141,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         return next((v for k, v in _PEAKS.items() if k in name), 989e12)
     n = 1024
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(4):
+    for _ in range(3):
         a @ b
-    return 2 * n**3 * 4 / (time.perf_counter() - t)
+    best = float("inf")
+    for _ in range(10):  # the fastest of 10: a busy machine only ever makes a matmul slower
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 class Watchdog:
