@@ -8,11 +8,11 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from nanoseek.engine import Engine, Request, SamplingParams
 from nanoseek.server import create_app, split_reply
-from test_engine import CHATS, chat_prompt, make_tokenizer, train_chat_model
+# The engine tests' fixtures (one torch thread, the tokenizer, the trained chat model), one definition.
+from test_engine import CHATS, chat_model, chat_prompt, one_thread, tok  # noqa: F401
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -41,24 +41,6 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(10)
         assert not self.thread.is_alive()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_engine: tiny ops stall on a busy machine's second OpenMP thread
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def chat_model(tok):
-    return train_chat_model(tok)
 
 
 @pytest.fixture(scope="module")
