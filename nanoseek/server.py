@@ -281,13 +281,17 @@ class Server:
         return {"id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": self.usage(reqs, parsed.prompts)}
 
-    async def _chat_events(self, reqs, q, parsed, cid, created):
+    def chunker(self, obj: str, cid: str, created: int, include_usage: bool):
+        """One SSE chunk of a streamed response: its choices, and usage when the client asked for it."""
         def chunk(choices, usage=None):
-            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                   "choices": choices}
-            if parsed.include_usage:
+            out = {"id": cid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
+            if include_usage:
                 out["usage"] = usage
             return out
+        return chunk
+
+    async def _chat_events(self, reqs, q, parsed, cid, created):
+        chunk = self.chunker("chat.completion.chunk", cid, created, parsed.include_usage)
 
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(len(reqs))])
@@ -328,12 +332,7 @@ class Server:
                 "choices": choices, "usage": self.usage(reqs, parsed.prompts)}
 
     async def _completion_events(self, reqs, q, parsed, cid, created):
-        def chunk(choices, usage=None):
-            out = {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-                   "choices": choices}
-            if parsed.include_usage:
-                out["usage"] = usage
-            return out
+        chunk = self.chunker("text_completion", cid, created, parsed.include_usage)
 
         left = len(reqs)
         while left:
