@@ -256,19 +256,22 @@ def side_effect_free(model: Transformer):
             m.aux_loss = aux
 
 
-def generate(model: Transformer, tok: Tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+def generate(model: Transformer, tok: Tokenizer, prompts: list[list[int]], *, max_new_tokens: int | list[int],
              temperature: float = 0.0, top_p: float = 1.0, seeds: list[int] | None = None,
              max_batch: int = 64) -> list[Completion]:
     """Completions of `prompts` with nanoseek.engine (latent cache, absorbed MLA decode, stop at EOS).
     temperature 0 is greedy; otherwise completion i samples with its own generator seeded by seeds[i], so a
-    completion does not depend on what else shares its batch."""
+    completion does not depend on what else shares its batch. max_new_tokens: one limit, or one per prompt."""
     if temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
         raise ValueError("sampling needs one seed per prompt (reproducible rollouts)")
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    if len(limits) != len(prompts):
+        raise ValueError(f"{len(limits)} max_new_tokens for {len(prompts)} prompts; give one, or one per prompt")
     with side_effect_free(model):
         engine = Engine(model, None, max_batch=max(1, min(max_batch, len(prompts))),
-                        max_len=max(map(len, prompts)) + max_new_tokens)
+                        max_len=max(len(p) + m for p, m in zip(prompts, limits)))
         engine.eos_id = tok.eos_id
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        params = [SamplingParams(max_tokens=limits[i], temperature=temperature, top_p=top_p,
                                  seed=None if temperature == 0 else seeds[i]) for i in range(len(prompts))]
         requests = engine.generate(prompts, params)
     out = []
@@ -283,6 +286,11 @@ def prompt_ids(tok: Tokenizer, problem: tasks.Problem, system_prompt: str = task
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+def eval_problems(task: tasks.Task, n: int, seed: int) -> list[tasks.Problem]:
+    """The n problems an evaluation with this seed uses (draws with replacement from the task's split)."""
+    return task.sample(random.Random(seed_of(seed, "eval", task.name)), n)
+
+
 @torch.no_grad()
 def evaluate_task(model: Transformer, tok: Tokenizer, task: tasks.Task, n: int, *, seed: int = 0,
                   max_new_tokens: int = 256, samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
@@ -292,7 +300,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: tasks.Task, n: int, 
     samples == 1: greedy decoding; accuracy with a Wilson 95% interval. samples == k > 1: k samples per problem
     at `temperature`; pass@1 (mean over samples, Wilson interval on the first sample of each problem, which are
     independent) and unbiased pass@j for j = 1, 2, 4, ..., k (Chen et al. 2021)."""
-    problems = task.sample(random.Random(seed_of(seed, "eval", task.name)), n)
+    problems = eval_problems(task, n, seed)
     prompts = [prompt_ids(tok, p, system_prompt) for p in problems for _ in range(samples)]
     greedy = samples == 1
     seeds = None if greedy else [seed_of(seed, "eval-sample", i) for i in range(len(prompts))]
@@ -345,6 +353,12 @@ def keep_verified(problem: tasks.Problem, texts: list[str]) -> list[str]:
     return kept
 
 
+def sft_row(problem: tasks.Problem, text: str, system_prompt: str = tasks.DEFAULT_SYSTEM) -> dict:
+    """A verified completion as an SFT line: {"messages": [system, user, assistant], "task", "answer"}."""
+    return {"messages": tasks.to_messages(problem, system_prompt) + [{"role": "assistant", "content": text}],
+            "task": problem.task, "answer": problem.answer}
+
+
 def rejection_sample(model: Transformer, tok: Tokenizer, problems: list[tasks.Problem], samples: int, *,
                      seed: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                      system_prompt: str = tasks.DEFAULT_SYSTEM, log: Callable[[str], None] = print) -> list[dict]:
@@ -364,8 +378,7 @@ def rejection_sample(model: Transformer, tok: Tokenizer, problems: list[tasks.Pr
             for text in keep_verified(p, [c.text for c in completions[i * samples:(i + 1) * samples]]):
                 if (p.key, text) not in seen:
                     seen.add((p.key, text))
-                    rows.append({"messages": tasks.to_messages(p, system_prompt)
-                                 + [{"role": "assistant", "content": text}], "task": p.task, "answer": p.answer})
+                    rows.append(sft_row(p, text, system_prompt))
     log(f"rejection sampling: kept {len(rows)} of {total} completions ({len(problems)} prompts x {samples}) in "
         f"{time.perf_counter() - t0:.0f}s")
     return rows

@@ -218,6 +218,9 @@ def _parse_step(line: str) -> tuple[Fraction, list[int], int, str] | None:
     return value, used, int(m["rhs"]), m["rest"]
 
 
+STEP_TASKS = ("addition", "multiplication", "countdown")  # the tasks whose steps first_bad_step can check
+
+
 def first_bad_step(problem: Problem, steps: list[str]) -> int | None:
     """Index (into `steps`, see think_steps) of the first step that is wrong, or None if all are right.
 
@@ -225,7 +228,7 @@ def first_bad_step(problem: Problem, steps: list[str]) -> int | None:
     countdown: every "expr = n" line must be true and use only numbers still available (given numbers and
     earlier results, each once); the step's result becomes available.
     """
-    if problem.task not in ("addition", "multiplication", "countdown"):
+    if problem.task not in STEP_TASKS:
         raise ValueError(f"no step checker for task {problem.task!r} (steps are checked for arithmetic and countdown)")
     pool = Counter(problem.numbers)
     for i, line in enumerate(steps):
