@@ -1,7 +1,7 @@
 """Corpora, the tokenised cache, fill-in-the-middle, packing and the resumable loader.
 
-Flow: sources (paths) -> documents (key, text) -> TokenizedCorpus (ids cached on disk, split into
-train/val by a hash of each document's key) -> PackedLoader (shuffle per epoch, FIM, pack into rows,
+Flow: sources (paths) -> documents (key, text, split) -> TokenizedCorpus (ids cached on disk, split into
+train/val by a hash of each document's key, unless a JSONL record pins its "split") -> PackedLoader (shuffle per epoch, FIM, pack into rows,
 shard rows across ranks) and val_batches (fixed, no FIM).
 
 Shape legend: B batch rows, T sequence length, R packed rows, D documents, N tokens.
@@ -37,7 +37,7 @@ from .tokenizer import Tokenizer
 VAL_FRACTION = 0.015  # documents held out, by a hash of their key
 MIN_VAL_DOCS = 3
 FIM_RATE = 0.5  # DeepSeek-Coder 3.1.2: PSM at document level with rate 0.5
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: JSONL records may pin their split
 _ENCODE_CHUNK_BYTES = 2 << 20  # text per encode_batch call: enough to keep cores busy; peak RSS
                                # for the stdlib ~460 MB (720 MB with 8 MB chunks), torch included
 
@@ -113,7 +113,13 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); fix its permissions or leave it out") from e
 
 
-def _jsonl_records(source: Source) -> Iterator[tuple[str, str]]:
+class Document(NamedTuple):
+    key: str  # stable name: the hash of it decides the split
+    text: str
+    split: str | None = None  # "train" / "val" pinned by the record itself; None: by the hash of key
+
+
+def _jsonl_records(source: Source) -> Iterator[Document]:
     # Non-UTF-8 bytes become U+FFFD rather than stopping a long run over one bad byte.
     lines = _read_bytes(source.path).decode("utf-8", errors="replace").split("\n")
     for lineno, line in enumerate(lines, 1):
@@ -129,10 +135,13 @@ def _jsonl_records(source: Source) -> Iterator[tuple[str, str]]:
             raise DataError(f"{where}: no 'text' field (found {found}); each line needs {{\"text\": \"...\"}}")
         if not isinstance(record["text"], str):
             raise DataError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
-        yield f"{source.key}:{lineno}", record["text"]
+        split = record.get("split")
+        if split not in (None, "train", "val"):
+            raise DataError(f"{where}: 'split' must be \"train\" or \"val\" (or left out), got {split!r}")
+        yield Document(f"{source.key}:{lineno}", record["text"], split)
 
 
-def _parquet_records(source: Source) -> Iterator[tuple[str, str]]:
+def _parquet_records(source: Source) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
@@ -147,19 +156,20 @@ def _parquet_records(source: Source) -> Iterator[tuple[str, str]]:
             row += 1
             if not isinstance(value, str):
                 raise DataError(f"{source.path}: row {row}: 'text' must be a string, got {type(value).__name__}")
-            yield f"{source.key}:{row}", value
+            yield Document(f"{source.key}:{row}", value)
 
 
-def iter_documents(sources: list[Source]) -> Iterator[tuple[str, str]]:
-    """(key, text) for every document, in source order. Text files are one document each, decoded as
-    UTF-8 with errors="replace" (U+FFFD for bad bytes); JSONL lines and parquet rows one each."""
+def iter_documents(sources: list[Source]) -> Iterator[Document]:
+    """Every document, in source order. Text files are one document each, decoded as UTF-8 with
+    errors="replace" (U+FFFD for bad bytes); JSONL lines and parquet rows one each. A JSONL record may pin
+    its split with "split": "train" or "val" (e.g. generated data that must never be validation)."""
     for source in sources:
         if source.kind == "jsonl":
             yield from _jsonl_records(source)
         elif source.kind == "parquet":
             yield from _parquet_records(source)
         else:
-            yield source.key, _read_bytes(source.path).decode("utf-8", errors="replace")
+            yield Document(source.key, _read_bytes(source.path).decode("utf-8", errors="replace"))
 
 
 # ---- train / validation split ----------------------------------------------------------------------
@@ -179,15 +189,31 @@ def val_threshold(hashes: np.ndarray) -> float:
     return max(VAL_FRACTION, float(np.partition(hashes, k - 1)[k - 1]))
 
 
+_PIN = {None: 0, "train": 1, "val": 2}
+
+
+def validation_mask(hashes_D: np.ndarray, pinned_D: np.ndarray) -> np.ndarray:
+    """Which documents are validation: pinned ones (pinned_D 1 train, 2 val) as pinned, the others by
+    val_threshold over their own hashes."""
+    free = pinned_D == 0
+    is_val = pinned_D == 2
+    if free.sum() >= 2 or not (~free).any():
+        is_val = is_val | (free & (hashes_D <= val_threshold(hashes_D[free])))
+    if not is_val.any():
+        raise DataError("no validation documents: every document is pinned to \"split\": \"train\"; add documents "
+                        "without a pin (or pinned to \"val\")")
+    return is_val
+
+
 def training_texts(sources: list[Source], max_bytes: int) -> Iterator[str]:
     """The first `max_bytes` (UTF-8) of documents outside the validation hash range, in source order:
     a deterministic sample for tokenizer training. (Only documents that val_threshold adds to reach
     MIN_VAL_DOCS in a tiny corpus can slip in; it avoids reading the corpus twice.)"""
     seen = 0
-    for key, text in iter_documents(sources):
+    for key, text, split in iter_documents(sources):
         if seen >= max_bytes:
             return
-        if text and key_hash(key) > VAL_FRACTION:
+        if text and split != "val" and (split == "train" or key_hash(key) > VAL_FRACTION):
             seen += len(text.encode("utf-8"))
             yield text
 
@@ -249,7 +275,7 @@ def tokenize_corpus(sources: list[Source], tokenizer: Tokenizer, log: Log | None
     """Read and tokenise every document (encode_batch in chunks of ~2 MB of text)."""
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     # Flat arrays rather than per-document objects: JSONL corpora can hold millions of documents.
-    pieces, lengths, nbytes, hashes = [], array("q"), array("q"), array("d")
+    pieces, lengths, nbytes, hashes, pinned = [], array("q"), array("q"), array("d"), array("b")
     chunk, chunk_bytes, t0, last_log = [], 0, time.time(), time.time()
 
     def flush():
@@ -258,12 +284,13 @@ def tokenize_corpus(sources: list[Source], tokenizer: Tokenizer, log: Log | None
         pieces.append(np.fromiter(itertools.chain.from_iterable(ids_per_doc), dtype=dtype))
         chunk.clear()
 
-    for key, text in iter_documents(sources):
+    for key, text, split in iter_documents(sources):
         if not text:
             continue  # nothing to learn from; would only add an EOS
         chunk.append(text)
         nbytes.append(len(text.encode("utf-8")))
         hashes.append(key_hash(key))
+        pinned.append(_PIN[split])
         chunk_bytes += nbytes[-1]
         if chunk_bytes >= _ENCODE_CHUNK_BYTES:
             flush()
@@ -282,7 +309,7 @@ def tokenize_corpus(sources: list[Source], tokenizer: Tokenizer, log: Log | None
         ids_N=np.concatenate(pieces),
         offsets_D1=offsets,
         bytes_D=np.frombuffer(nbytes, dtype=np.int64).copy(),
-        is_val_D=hashes_D <= val_threshold(hashes_D),
+        is_val_D=validation_mask(hashes_D, np.frombuffer(pinned, dtype=np.int8)),
         fingerprint=corpus_fingerprint(sources, tokenizer),
     )
 

@@ -65,6 +65,27 @@ def test_val_split_has_a_minimum_and_is_stable():
         data.val_threshold(hashes[:1])
 
 
+def test_jsonl_records_can_pin_their_split(tmp_path, tok):
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(40):
+        (code / f"m{i}.py").write_text(f"x = {i}\n")
+    rows = [{"text": f"generated {i}", "split": "train"} for i in range(200)] + [{"text": "probe", "split": "val"}]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = data.load_corpus(tok, [str(code), str(tmp_path / "gen.jsonl")])
+    val_texts = {tok.decode(corpus.doc(int(d)).tolist()) for d in corpus.val_docs}
+    assert "probe" in val_texts
+    assert not any(t.startswith("generated") for t in val_texts)  # 1.5% of 200 would be ~3 by hash
+    assert sum(t.startswith("x = ") for t in val_texts) == data.MIN_VAL_DOCS  # code still split by hash
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "split": "test"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: 'split' must be \"train\" or \"val\""):
+        data.load_corpus(tok, [str(tmp_path / "bad.jsonl")])
+    (tmp_path / "all_train.jsonl").write_text('{"text": "a", "split": "train"}\n{"text": "b", "split": "train"}\n')
+    with pytest.raises(DataError, match="no validation documents"):
+        data.load_corpus(tok, [str(tmp_path / "all_train.jsonl")])
+
+
 def test_text_jsonl_parquet_and_folders(tmp_path, tok):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -77,7 +98,7 @@ def test_text_jsonl_parquet_and_folders(tmp_path, tok):
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "HEAD").write_text("skipped: hidden folders are not walked")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8: U+FFFD, said in docs
-    docs = dict(data.iter_documents(data.find_sources([str(tmp_path)])))
+    docs = {key: text for key, text, _ in data.iter_documents(data.find_sources([str(tmp_path)]))}
     assert docs == {"a.txt": "plain text", "b.jsonl:1": "first", "b.jsonl:3": "second",
                     "c.parquet:1": "row one", "c.parquet:2": "row two", "latin1.txt": "caf\ufffd"}
     corpus = data.load_corpus(tok, [str(tmp_path)])
@@ -137,7 +158,7 @@ def test_missing_empty_and_unreadable_inputs(tmp_path, tok, monkeypatch):
 
 def test_corpus_tokens_decode_to_the_documents(corpus, corpus_dir, tok):
     sources = data.find_sources([str(corpus_dir)])
-    texts = [text for _, text in data.iter_documents(sources)]
+    texts = [doc.text for doc in data.iter_documents(sources)]
     assert corpus.num_docs == len(texts) == 80
     for d in (0, 41, 79):
         assert tok.decode(corpus.doc(d).tolist()) == texts[d]
