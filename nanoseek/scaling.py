@@ -125,7 +125,7 @@ def v3_shape(hidden_size: int, num_layers: int, n_routed_experts: int | None = N
         max_position_embeddings=max(4096, seq_len))
 
 
-WIDTHS = (tuple(range(32, 256, 16)) + tuple(range(256, 2048, 64)) + tuple(range(2048, 8192, 256))
+WIDTHS = ((16, 24) + tuple(range(32, 256, 16)) + tuple(range(256, 2048, 64)) + tuple(range(2048, 8192, 256))
           + tuple(range(8192, 16385, 512)))
 
 
@@ -241,8 +241,9 @@ class Parabola:
 
     @property
     def argmin(self) -> float:
-        """M at the vertex (only meaningful when has_minimum)."""
-        return float(math.exp(-self.b / (2 * self.a)))
+        """M at the vertex (only meaningful when has_minimum; inf for a nearly straight line, a ~ 0)."""
+        x = -self.b / (2 * self.a)
+        return math.exp(x) if x < 700 else math.inf
 
     @property
     def min_loss(self) -> float:

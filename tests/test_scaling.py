@@ -91,7 +91,7 @@ def test_search_config_hits_target(target, seq):
 
 def test_search_below_the_smallest_shape_returns_it():
     cand = scaling.search_config(1.0, seq_len=128)
-    assert (cand.config.hidden_size, cand.config.num_hidden_layers) == (32, 2) and cand.miss > 1
+    assert (cand.config.hidden_size, cand.config.num_hidden_layers) == (scaling.WIDTHS[0], 2) and cand.miss > 1
 
 
 def test_power_law_fit_recovers_exponent():
