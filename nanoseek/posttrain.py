@@ -688,5 +688,7 @@ def train_config(args, *, mtp_weight: float = 0.0) -> TrainConfig:
 
 
 def run_config(stage: str, model: Transformer, args) -> dict:
+    def plain(v):  # paths as strings, also inside lists (sft's repeatable --data)
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list) else v
     return {"stage": stage, "model": model.config.to_hf_dict(),
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "run_dir"}}
+            **{k: plain(v) for k, v in vars(args).items() if k != "run_dir"}}

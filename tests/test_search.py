@@ -269,6 +269,18 @@ def test_cli_search_trees_sft_out_and_eval(model_dir, tmp_path, capsys):
     assert result["method"] == "rmaxts" and result["budget"] == 2 and "pass_at_budget" in result
 
 
+def test_searched_solutions_train_with_nanoseek_sft(model_dir, tmp_path):
+    """Expert iteration's second half: the rows search writes are what `nanoseek sft --data` trains on."""
+    problems = tasks.make_task("countdown").sample(0, 3)
+    rows = search.sft_rows([search.SearchResult(p, "rmaxts", solutions=[tasks.solution(p)]) for p in problems])
+    assert len(rows) == 3
+    pt.write_jsonl(tmp_path / "solutions.jsonl", rows)
+    assert run_stage("sft", ["--run-dir", tmp_path / "sft", "--init", model_dir, "--data", tmp_path / "solutions.jsonl",
+                             "--steps", 1, "--batch-size", 1, "--seq-len", 128, "--eval-every", 0, "--threads", 1,
+                             "--no-progress"]) == 0
+    assert (tmp_path / "sft" / "checkpoints" / "latest").is_file()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "countdown", "--budget", "0"], "--budget must be >= 1"),
     (["--task", "sudoku"], "unknown task"),
