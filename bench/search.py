@@ -30,9 +30,9 @@ weights + 200 SFT steps on countdown (`nanoseek sft --preset small --tokenizer T
     best-of-n   0.000  0.000  0.000  27,505
     expert iteration: 0/32 training problems solved, nothing to train on
 
-The model has the format (format reward 1.0) but not the game: its steps use numbers it was not given and wrong
-sums, so neither search finds anything; RMaxTS spends 27% fewer tokens for its 512 samples (resumed samples start
-after their prefix). It shows the pipeline runs, not which search wins: that needs a model that solves some
+The model has the format (sampled format reward 0.88) but not the game: its steps use numbers it was not given
+and wrong sums, so neither search finds anything; RMaxTS spends 27% fewer tokens for its 512 samples (resumed
+samples start after their prefix). It shows the pipeline runs, not which search wins: that needs a model that solves some
 problems (e.g. more SFT steps, or the speedrun's pretrained model) and the full command above.
 
 Writes OUT/search_bench.json, OUT/pass_at_budget.png and, with --expert-iteration, OUT/expert_iteration.json
@@ -60,8 +60,9 @@ def make_model(root: Path, args) -> Path:
     threads = ["--threads", str(args.threads)] if args.threads else []
     steps = [("tokenizer", tokenizer, []),
              ("sft", sft, ["--preset", "small", "--tokenizer", root / "tokenizer" / "tokenizer", "--task",
-                           "countdown", "--difficulty", args.difficulty, "--steps", args.make_steps, "--eval-every", "0",
-                           "--max-new-tokens", args.max_new_tokens, "--seed", args.seed, "--no-progress", *threads])]
+                           "countdown", "--difficulty", args.difficulty, "--steps", args.make_steps,
+                           "--eval-every", "0", "--max-new-tokens", args.max_new_tokens, "--seed", args.seed,
+                           "--no-progress", *threads])]
     for name, stage, argv in steps:
         t = time.time()
         if stage.main([str(a) for a in ["--run-dir", root / name, *argv]]) != 0:
