@@ -32,8 +32,8 @@ weights + 200 SFT steps on countdown (`nanoseek sft --preset small --tokenizer T
 
 The model has the format (sampled format reward 0.88) but not the game: its steps use numbers it was not given
 and wrong sums, so neither search finds anything; RMaxTS spends 27% fewer tokens for its 512 samples (resumed
-samples start after their prefix). It shows the pipeline runs, not which search wins: that needs a model that solves some
-problems (e.g. more SFT steps, or the speedrun's pretrained model) and the full command above.
+samples start after their prefix). It shows the pipeline runs, not which search wins: that needs a model that
+solves some problems (e.g. more SFT steps, or the speedrun's pretrained model) and the full command above.
 
 Writes OUT/search_bench.json, OUT/pass_at_budget.png and, with --expert-iteration, OUT/expert_iteration.json
 (plus OUT/ei/solutions.jsonl and the SFT run dir OUT/ei/sft).
