@@ -5,6 +5,7 @@ depth, trained for a little while on Python standard-library source so that the 
 
     python bench/decode.py                        # everything (about 10 minutes on 2 busy cores)
     python bench/decode.py --quick                # batch 1 only, shorter runs
+    python bench/decode.py --quick --compile      # nanoseek's decode step under torch.compile (transformers eager)
 
 Decode tokens/s exclude prefill: for transformers, the clock between generate's own steps (a stopping criterion
 records it after every token); for nanoseek, the engine's own decode-step clock. Runs alternate between the two so that machine
@@ -66,9 +67,9 @@ def train(model: Transformer, ids: torch.Tensor, steps: int, batch: int, seq: in
     return loss.item()
 
 
-def ours_decode(model, prompts, new: int, speculative: bool = False) -> tuple[float, Engine]:
+def ours_decode(model, prompts, new: int, speculative: bool = False, compile: bool = False) -> tuple[float, Engine]:
     B, ctx = len(prompts), len(prompts[0])
-    engine = Engine(model, max_batch=B, max_len=ctx + new + 2, speculative=speculative)
+    engine = Engine(model, max_batch=B, max_len=ctx + new + 2, speculative=speculative, compile=compile)
     reqs = engine.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
     engine.outputs = [r.output for r in reqs]
     return engine.stats.generated / engine.stats.decode_s, engine
@@ -166,6 +167,8 @@ def main():
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16], help="concurrent server clients")
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per server measurement")
     p.add_argument("--quick", action="store_true", help="batch 1, 1 repetition, fewer clients")
+    p.add_argument("--compile", action="store_true",
+                   help="decode table: nanoseek with Engine(compile=True) (compile time printed, not timed)")
     args = p.parse_args()
     if args.quick:
         args.batches, args.reps, args.clients, args.train_steps = [1], 1, [1, 4], min(args.train_steps, 60)
@@ -204,8 +207,11 @@ def main():
             reps = args.reps if B * ctx <= 4096 else 1
             ours, theirs = [], []
             for _ in range(reps):
-                ours.append(ours_decode(model, prompts, new)[0])
+                rate, engine = ours_decode(model, prompts, new, compile=args.compile)
+                ours.append(rate)
                 theirs.append(hf_decode(hf, prompts, new))
+                if args.compile:
+                    print(f"# compiled in {engine.compile_s:.1f}s", flush=True)
             o, h = statistics.median(ours), statistics.median(theirs)
             print(f"| {B} | {ctx} | {o:.0f} | {h:.1f} | {o / h:.1f}x |", flush=True)
 

@@ -229,9 +229,11 @@ class MLA(nn.Module):
     def _write_cache(self, cache, kv_BTC, pe_BTR, positions_BT, rows_B):
         B = kv_BTC.shape[0]
         rows = torch.arange(B, device=kv_BTC.device) if rows_B is None else rows_B
-        layer_kv, layer_pe = cache.kv[self.layer_idx], cache.pe[self.layer_idx]
-        layer_kv[rows[:, None], positions_BT] = kv_BTC.to(layer_kv.dtype)
-        layer_pe[rows[:, None], positions_BT] = pe_BTR.to(layer_pe.dtype)
+        # One index_put_ on the whole cache, not on this layer's view of it: torch.compile then writes in place
+        # (through a view it copied the cache in and out, every layer of every step).
+        at_BT = (torch.full_like(positions_BT, self.layer_idx), rows[:, None], positions_BT)
+        cache.kv.index_put_(at_BT, kv_BTC.to(cache.kv.dtype))
+        cache.pe.index_put_(at_BT, pe_BTR.to(cache.pe.dtype))
 
     def absorbed_weights(self) -> tuple[Tensor, Tensor]:
         """W_UK [H, N, C] and W_UV [H, O, C]: the key and value blocks of kv_b_proj, per head."""
@@ -240,8 +242,11 @@ class MLA(nn.Module):
 
     def _attend_absorbed(self, q_nope, q_pe, cache, positions_BT, rows_B, select=None) -> Tensor:
         """Decode: fold W_UK into the query and W_UV after attention, attending over the cached latents directly
-        (DeepSeek-V2 sec. 2.1.2). Key slot s is visible to a query at position p iff s <= p. With DSA, `select`
-        is (indices [B, T, k'], valid [B, T, k']) and each query attends over its k' gathered latents only."""
+        (DeepSeek-V2 sec. 2.1.2). Key slot s is visible to a query at position p iff s <= p. Every slot of the
+        cache given is scored and the invisible ones masked, so callers pass a cache trimmed to the longest visible
+        prefix (the engine does, from lengths it knows on the host): no host sync and no data-dependent shape here,
+        which torch.compile needs. With DSA, `select` is (indices [B, T, k'], valid [B, T, k']) and each query
+        attends over its k' gathered latents only."""
         w_uk, w_uv = self.absorbed_weights()
         if select is not None:
             return self._attend_gathered(torch.einsum("bthn,hnc->bthc", q_nope, w_uk), q_pe, cache, rows_B, *select,
@@ -249,8 +254,8 @@ class MLA(nn.Module):
         kv_cache, pe_cache = cache.kv[self.layer_idx], cache.pe[self.layer_idx]
         if rows_B is not None:
             kv_cache, pe_cache = kv_cache[rows_B], pe_cache[rows_B]
-        S = int(positions_BT.max()) + 1 if positions_BT.numel() else 1
-        kv_BSC, pe_BSR = kv_cache[:, :S].to(q_nope.dtype), pe_cache[:, :S].to(q_nope.dtype)
+        S = kv_cache.shape[1]
+        kv_BSC, pe_BSR = kv_cache.to(q_nope.dtype), pe_cache.to(q_nope.dtype)
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
         scores_BHTS = (torch.einsum("bthc,bsc->bhts", q_lat_BTHC, kv_BSC)
                        + torch.einsum("bthr,bsr->bhts", q_pe, pe_BSR)).float() * self.scale
@@ -371,9 +376,20 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     if x_AI.is_cuda and torch.cuda.get_device_capability(x_AI.device)[0] < 9:
         bounds = [0] + offsets_E.tolist()
         return torch.cat([x_AI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
-    if x_AI.dtype != torch.bfloat16 and torch.compiler.is_compiling():
-        return _grouped_mm_eager(x_AI, w_EIO, offsets_E)  # its compile-time shape rule knows only bf16
+    if x_AI.dtype != torch.bfloat16 and torch.compiler.is_compiling():  # its compile-time shape rule knows only bf16
+        if x_AI.shape[0] <= 64:  # decode: a few rows, no graph break
+            return _rowwise_mm(x_AI, w_EIO, offsets_E)
+        return _grouped_mm_eager(x_AI, w_EIO, offsets_E)
     return torch._grouped_mm(x_AI, w_EIO.to(x_AI.dtype), offs=offsets_E)
+
+
+def _rowwise_mm(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    """grouped_mm as one reduction per row over its own expert's weights, for torch.compile: the fused kernel reads
+    w[e] where it lies (a decode token's 4 routed experts in ~100 us against ~225 us eager). Eager, w[expert_A]
+    would copy the weights, which was slower (dev/LOG.md)."""
+    rows_A = torch.arange(x_AI.shape[0], dtype=offsets_E.dtype, device=x_AI.device)
+    expert_A = torch.searchsorted(offsets_E, rows_A, right=True)
+    return (x_AI[:, :, None] * w_EIO[expert_A].to(x_AI.dtype)).sum(1)
 
 
 @torch.compiler.disable

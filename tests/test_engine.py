@@ -137,6 +137,18 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
     assert ours[0].output == ref
 
 
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_greedy_tokens(model):
+    # torch.compile of the decode forward (about 30-60 s of compiling: one graph for 1 row, one for more): the
+    # same tokens as eager and naive recompute, with rows joining, leaving and the batch shrinking to 1.
+    prompts = prompts_of([5, 17, 1, 9, 30], seed=5)
+    engine = Engine(model, max_batch=2, max_len=64, compile=True)
+    out = [r.output for r in engine.generate(prompts, GREEDY)]
+    assert out == [r.output for r in Engine(model, max_batch=2, max_len=64).generate(prompts, GREEDY)]
+    assert out == [naive_greedy(model, p, 12) for p in prompts]
+    assert engine.compile_s > 0
+
+
 # ------------------------------------------------------------------------------------------------ speculation
 def test_greedy_speculative_equals_greedy_plain(model, chat_model, tok):
     prompts = prompts_of([4, 19, 8], seed=4)
