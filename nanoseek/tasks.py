@@ -14,7 +14,7 @@ the unordered operands and the operation), the same for every seed and every run
 of its own split, so train and eval never overlap, whatever seeds are used. EVAL_FRACTION defines which
 problems are held out: changing it changes the benchmark.
 
-Completion format (R1-Zero template, DEFAULT_SYSTEM):  <think> reasoning </think> <answer> answer </answer>
+Completion format (R1-Zero's, DEFAULT_SYSTEM or R1_ZERO_SYSTEM):  <think> reasoning </think> <answer> answer </answer>
 
 Step format, for the worked solutions and the step checker used by tree search: one step per line inside
 <think>. A line that contains "=" is a step, `<expression> = <integer>`; other lines are free text and are never
@@ -40,12 +40,15 @@ from typing import Callable
 EVAL_FRACTION = 0.1  # share of each task's problem space held out for evaluation (by hash; see split_of)
 
 # R1-Zero's training template (DeepSeek-R1 paper, Table 1), as a system prompt.
-DEFAULT_SYSTEM = (
+R1_ZERO_SYSTEM = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
     "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
     "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
     "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>."
 )
+# The same instruction in ~20 tokens instead of ~100: the default, because on a CPU every token of a packed SFT
+# row counts, and with R1_ZERO_SYSTEM an addition example is 3/4 system prompt (2.7x fewer examples per step).
+DEFAULT_SYSTEM = "Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>."
 
 # Bounds applied before anything is parsed or evaluated, so an adversarial completion costs microseconds.
 MAX_EXPR_CHARS = 256  # longest expression the evaluator will look at

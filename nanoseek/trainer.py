@@ -320,7 +320,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix_str(f"loss {record['loss']:.3f} lr {record['lr']:.2e} "
                                     f"{record['tokens_per_s']:.0f} tok/s", refresh=False)
-                _fault_injection(self.step)
+                _fault_injection(self.step, self.stage)
                 final = self.step == cfg.steps
                 # No checkpoint in the middle of an anomaly streak: a rollback must land before it (PaLM).
                 if final or (self.guard.consecutive == 0 and should_save(
@@ -427,16 +427,18 @@ class Trainer:
             self.model.train(was_training)
 
 
-def _fault_injection(step: int) -> None:
+def _fault_injection(step: int, stage: str) -> None:
     """Drills for the restart path, in the first attempt of a run only (not after a launcher restart):
     NANOSEEK_FAULT_HANG_AT_STEP=N hangs after step N (the watchdog must end it), NANOSEEK_FAULT_CRASH_AT_STEP=N
     kills the process with SIGKILL after step N, NANOSEEK_FAULT_STOP_AT_STEP=N freezes it with SIGSTOP (a hung
     rank that cannot even run its own watchdog: the other ranks' watchdogs must notice). With
-    NANOSEEK_FAULT_RANK=r only rank r (torchrun's RANK) does it. The tests use them end to end; users can run the
-    same drill."""
+    NANOSEEK_FAULT_RANK=r only rank r (torchrun's RANK) does it, with NANOSEEK_FAULT_STAGE=name only that stage
+    (e.g. grpo inside a speedrun). The tests use them end to end; users can run the same drill."""
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     if os.environ.get("NANOSEEK_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return
+    if os.environ.get("NANOSEEK_FAULT_STAGE", stage) != stage:
         return
     if os.environ.get("NANOSEEK_FAULT_CRASH_AT_STEP") == str(step):
         os.kill(os.getpid(), 9)

@@ -23,16 +23,31 @@ def test_plan_scales_with_budget_and_is_deterministic():
     assert plan(0.1, 500)["pretrain"] >= 4  # every stage runs at least a few steps
 
 
+SUMMARY_KEYS = ("val_bpb", "fim_exact_match", "accuracy_sft", "accuracy_grpo", "mtp_acceptance")
+
+
+def smoke_command(tmp_path: Path, run: Path) -> list[str]:
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        corpus.mkdir()
+        for name in ("bisect.py", "heapq.py", "textwrap.py", "string.py", "json/decoder.py", "json/encoder.py",
+                     "fnmatch.py", "colorsys.py"):
+            shutil.copy(STDLIB / name, corpus / name.replace("/", "_"))
+    return [sys.executable, "-m", "nanoseek.cli", "speedrun", "--run-dir", str(run), "--budget-minutes", "0.1",
+            "--preset", "tiny", "--difficulty", "1", "--data", str(corpus), "--threads", "2"]
+
+
+def summary_of(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = [r for r in rows if r.get("kind") == "summary"]
+    assert len(summary) == 1
+    return summary[0]
+
+
 @pytest.mark.slow
 def test_speedrun_smoke(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name in ("bisect.py", "heapq.py", "textwrap.py", "string.py", "json/decoder.py", "json/encoder.py",
-                 "fnmatch.py", "colorsys.py"):
-        shutil.copy(STDLIB / name, corpus / name.replace("/", "_"))
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "nanoseek.cli", "speedrun", "--run-dir", str(run), "--budget-minutes", "0.1",
-           "--preset", "tiny", "--difficulty", "1", "--data", str(corpus), "--threads", "2"]
+    cmd = smoke_command(tmp_path, run)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     for stage in ("pretrain", "sft", "grpo"):
@@ -45,12 +60,9 @@ def test_speedrun_smoke(tmp_path):
     for name in ("pretrain_loss.png", "expert_load.png", "grpo_reward.png", "pass_at_k.png", "lr.png"):
         assert name in plots
         assert f"plots/{name}" in report
-    summary = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-               if json.loads(line).get("kind") == "summary"]
-    assert len(summary) == 1
-    s = summary[0]
+    s = summary_of(run)
     # every table number is the metrics.jsonl number
-    for key in ("val_bpb", "fim_exact_match", "accuracy_sft", "accuracy_grpo", "mtp_acceptance"):
+    for key in SUMMARY_KEYS:
         assert fmt(s[key]) in report, key
     assert f"{s['cache_bytes_per_token']:,} vs {s['kv_cache_bytes_per_token']:,}" in report
     acc = json.loads((run / "evals" / "accuracy_grpo.json").read_text())
@@ -59,7 +71,29 @@ def test_speedrun_smoke(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do" in again.stdout
-    s2 = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-          if json.loads(line).get("kind") == "summary"][0]
-    for key in ("val_bpb", "fim_exact_match", "accuracy_sft", "accuracy_grpo", "mtp_acceptance"):
+    s2 = summary_of(run)
+    for key in SUMMARY_KEYS:
         assert s2[key] == s[key]
+
+
+@pytest.mark.slow
+def test_speedrun_killed_mid_grpo_finishes_with_the_numbers_of_an_uninterrupted_run(tmp_path):
+    """SIGKILL in the middle of GRPO (after its step-2 checkpoint), then the same command again: the report's
+    numbers equal those of a run whose GRPO was never interrupted (a copy taken at the kill, GRPO redone from
+    scratch). Pretraining and SFT resume are covered by tests/test_trainer.py."""
+    run = tmp_path / "run"
+    cmd = smoke_command(tmp_path, run)
+    env = {**os.environ, "NANOSEEK_FAULT_CRASH_AT_STEP": "3", "NANOSEEK_FAULT_STAGE": "grpo"}
+    killed = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert (run / "grpo" / "checkpoints" / "latest").exists() and not (run / "report.md").exists()
+    fresh = tmp_path / "fresh"
+    shutil.copytree(run, fresh)
+    shutil.rmtree(fresh / "grpo")
+    outs = [subprocess.run(smoke_command(tmp_path, r), capture_output=True, text=True, timeout=900) for r in (run, fresh)]
+    for out in outs:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "[grpo] resuming from step 2" in outs[0].stdout + outs[0].stderr
+    resumed, uninterrupted = summary_of(run), summary_of(fresh)
+    for key in SUMMARY_KEYS:
+        assert resumed[key] == uninterrupted[key], key
