@@ -72,12 +72,12 @@ def make_model(root: Path, args) -> Path:
 
 
 def pass_at_budget_curves(model, tok, args) -> dict:
-    task = tasks.make_task("countdown", "eval", args.difficulty)
+    task = tasks.make_task(args.task, "eval", args.difficulty)
     problems = pt.eval_problems(task, args.n, args.seed)
     budget = max(args.budgets)
-    out: dict = {"n": args.n, "difficulty": args.difficulty, "budgets": args.budgets, "batch": args.batch,
-                 "c": args.c, "gamma": args.gamma, "temperature": args.temperature, "seed": args.seed,
-                 "max_new_tokens": args.max_new_tokens}
+    out: dict = {"task": args.task, "n": args.n, "difficulty": args.difficulty, "budgets": args.budgets,
+                 "batch": args.batch, "c": args.c, "gamma": args.gamma, "temperature": args.temperature,
+                 "seed": args.seed, "max_new_tokens": args.max_new_tokens}
     results = {}
     for method in search.METHODS:
         policy = search.EnginePolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -115,7 +115,7 @@ def plot(path: Path, out: dict) -> None:
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("samples per problem (budget)")
     ax.set_ylabel("pass@budget")
-    ax.set_title(f"held-out countdown (difficulty {out['difficulty']}), n={out['n']}, Wilson 95%")
+    ax.set_title(f"held-out {out['task']} (difficulty {out['difficulty']}), n={out['n']}, Wilson 95%")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -125,7 +125,7 @@ def plot(path: Path, out: dict) -> None:
 
 def plain_sampling(model, tok, args) -> dict:
     """What expert iteration should move: greedy accuracy and sampled pass@1 on held-out problems."""
-    task = tasks.make_task("countdown", "eval", args.difficulty)
+    task = tasks.make_task(args.task, "eval", args.difficulty)
     greedy = pt.evaluate_task(model, tok, task, args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
     sampled = pt.evaluate_task(model, tok, task, args.n, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                samples=args.ei_eval_samples, temperature=args.temperature)
@@ -137,7 +137,7 @@ def expert_iteration(model_path: Path, model, tok, args) -> dict:
     ei = args.out / "ei"
     ei.mkdir(parents=True, exist_ok=True)
     solutions = ei / "solutions.jsonl"
-    task = tasks.make_task("countdown", "train", args.difficulty)
+    task = tasks.make_task(args.task, "train", args.difficulty)
     problems = task.sample(pt.seed_of(args.seed, "search-prompts"), args.ei_n)
     policy = search.EnginePolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def expert_iteration(model_path: Path, model, tok, args) -> dict:
         return out
     pt.write_jsonl(solutions, rows)
     threads = ["--threads", str(args.threads)] if args.threads else []
-    argv = ["--run-dir", ei / "sft", "--init", model_path, "--data", solutions, "--task", "countdown",
+    argv = ["--run-dir", ei / "sft", "--init", model_path, "--data", solutions, "--task", args.task,
             "--difficulty", args.difficulty, "--steps", args.ei_steps, "--lr", args.ei_lr, "--warmup", "0",
             "--eval-every", "0", "--max-new-tokens", args.max_new_tokens, "--seed", args.seed, "--no-progress",
             *threads]
@@ -178,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs_out/search_bench"))
     p.add_argument("--n", type=int, default=200, help="held-out problems (default 200)")
     p.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
+    p.add_argument("--task", default="countdown", choices=sorted(tasks.STEP_TASKS),
+                   help="a task with a step checker (default countdown)")
     p.add_argument("--difficulty", type=int, default=1)
     p.add_argument("--batch", type=int, default=4, help="samples per problem per round (default 4)")
     p.add_argument("--c", type=float, default=1.0)
