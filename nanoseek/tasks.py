@@ -318,15 +318,16 @@ def _format(think: list[str], answer: str) -> str:
 
 
 class AdditionTask(Task):
-    """a + b; the first operand has `difficulty` digits, the second 1..difficulty digits."""
+    """a + b, both operands with exactly `difficulty` digits (1: 0-9). One layout per difficulty, so every digit
+    of the worked solution sits at a fixed distance from the digit of the question it comes from: a small model
+    learns such fixed-offset lookups within a CPU speedrun, and lookups that depend on operand lengths it does
+    not (dev/LOG.md)."""
 
     name = "addition"
 
     def _generate(self, rng):
         a = _random_int(rng, self.difficulty)
-        b = _random_int(rng, rng.randint(1, self.difficulty))
-        if rng.random() < 0.5:
-            a, b = b, a
+        b = _random_int(rng, self.difficulty)
         return Problem(self.name, f"What is {a} + {b}?", str(a + b), numbers=(a, b), target=a + b)
 
     @staticmethod

@@ -99,7 +99,7 @@ def test_solutions_get_full_reward_at_every_difficulty(name):
 
 def test_problem_shapes_follow_difficulty():
     for p in AdditionTask("train", 3).sample(0, 50):
-        assert max(len(str(n)) for n in p.numbers) == 3 and p.target == sum(p.numbers)
+        assert [len(str(n)) for n in p.numbers] == [3, 3] and p.target == sum(p.numbers)
     for p in MultiplicationTask("train", 2).sample(0, 50):
         assert max(len(str(n)) for n in p.numbers) == 2 and p.target == p.numbers[0] * p.numbers[1]
     for d in (1, 2, 3):
