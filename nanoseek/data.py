@@ -119,20 +119,35 @@ class Document(NamedTuple):
     split: str | None = None  # "train" / "val" pinned by the record itself; None: by the hash of key
 
 
-def _jsonl_records(source: Source) -> Iterator[Document]:
-    # Non-UTF-8 bytes become U+FFFD rather than stopping a long run over one bad byte.
-    lines = _read_bytes(source.path).decode("utf-8", errors="replace").split("\n")
-    for lineno, line in enumerate(lines, 1):
+def iter_jsonl(path, *, example: str, errors: str = "strict") -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file. A line that is not JSON, or not an object,
+    is a DataError naming file and line and showing `example` (what a line should look like). errors="replace"
+    decodes bad UTF-8 as U+FFFD (corpora: a long run should not stop over one bad byte); "strict" refuses the file
+    (task, chat and pair files are small and hand-made)."""
+    path = Path(path)
+    try:
+        text = _read_bytes(path).decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        where = f"{source.path}:{lineno}"
+        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from e
-        if not isinstance(record, dict) or "text" not in record:
-            found = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{where}: no 'text' field (found {found}); each line needs {{\"text\": \"...\"}}")
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one object "
+                            f"like {example}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected an object like {example}, got {type(record).__name__}")
+        yield lineno, record
+
+
+def _jsonl_records(source: Source) -> Iterator[Document]:
+    for lineno, record in iter_jsonl(source.path, example='{"text": "..."}', errors="replace"):
+        where = f"{source.path}:{lineno}"
+        if "text" not in record:
+            raise DataError(f"{where}: no 'text' field (found {sorted(record)}); each line needs {{\"text\": \"...\"}}")
         if not isinstance(record["text"], str):
             raise DataError(f"{where}: 'text' must be a string, got {type(record['text']).__name__}")
         split = record.get("split")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import tasks
+from .data import DataError, iter_jsonl
 from .engine import Engine, SamplingParams
 from .engine import load as load_model_and_tokenizer
 from .losses import (cckd_loss, dpo_loss, group_advantages, grpo_loss, logit_distill_loss, sequence_logprobs,
@@ -40,10 +41,6 @@ from .tokenizer import Tokenizer
 from .trainer import TrainConfig
 
 IGNORE = -100  # target id that no loss sees (torch cross_entropy's ignore_index)
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and line."""
 
 
 # ------------------------------------------------------------------------------------------------ starting point
@@ -69,25 +66,13 @@ def save_tokenizer(tok: Tokenizer, run_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ JSONL inputs
-def read_jsonl(path, check: Callable[[dict], object]) -> list:
-    """check(row) for every non-blank line; a line that is not JSON, or that check rejects with ValueError,
-    is an error naming the file and the line."""
-    path = Path(path)
+def read_jsonl(path, check: Callable[[dict], object], example: str) -> list:
+    """check(row) for every non-blank line (data.iter_jsonl); a line that is not a JSON object, or that check
+    rejects with ValueError, is a DataError naming the file and the line."""
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, row in iter_jsonl(path, example=example):
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("expected a JSON object")
             out.append(check(row))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         except ValueError as e:
             raise DataError(f"{path}:{lineno}: {e}") from None
     if not out:
@@ -110,7 +95,8 @@ def check_messages(messages, need_assistant: bool = True) -> list[dict]:
 
 def read_chat_jsonl(path) -> list[list[dict]]:
     """SFT conversations, one {"messages": [{"role", "content"}, ...]} per line."""
-    return read_jsonl(path, lambda row: check_messages(row.get("messages")))
+    return read_jsonl(path, lambda row: check_messages(row.get("messages")),
+                      '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}')
 
 
 def check_pair(row: dict) -> dict:
@@ -128,7 +114,7 @@ def check_pair(row: dict) -> dict:
 
 def read_pairs_jsonl(path) -> list[dict]:
     """DPO preference pairs, one {"prompt": str or messages, "chosen": str, "rejected": str} per line."""
-    return read_jsonl(path, check_pair)
+    return read_jsonl(path, check_pair, '{"prompt": "...", "chosen": "...", "rejected": "..."}')
 
 
 def write_jsonl(path, rows: list[dict]) -> None:

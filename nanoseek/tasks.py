@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import math
 import random
 import re
@@ -36,6 +35,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
+
+from .data import DataError, iter_jsonl
 
 EVAL_FRACTION = 0.1  # share of each task's problem space held out for evaluation (by hash; see split_of)
 
@@ -432,34 +433,22 @@ class JsonlTask(Task):
         super().__init__(split=split, difficulty=1)
         self.path = Path(path)
         self.problems: list[Problem] = []
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{self.path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(
-                        f'{where}: not valid JSON ({e.msg}); each line must be an object like '
-                        f'{{"prompt": "...", "answer": "..."}}'
-                    ) from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                    raise ValueError(f'{where}: expected an object with a non-empty string "prompt"')
-                answer = row.get("answer")
-                if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-                    raise ValueError(
-                        f'{where}: missing or empty "answer"; rewards are checked against it, so every problem '
-                        f"needs one (string or number)"
-                    )
-                reasoning = row.get("reasoning", "")
-                if not isinstance(reasoning, str):
-                    raise ValueError(f'{where}: "reasoning" must be a string')
-                problem = Problem(self.name, row["prompt"], str(answer).strip(), reasoning=reasoning)
-                if split_of(problem.key) == split:
-                    self.problems.append(problem)
+        for lineno, row in iter_jsonl(self.path, example='{"prompt": "...", "answer": "..."}'):
+            where = f"{self.path}:{lineno}"
+            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                raise DataError(f'{where}: expected a non-empty string "prompt"')
+            answer = row.get("answer")
+            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+                raise DataError(f'{where}: missing or empty "answer"; rewards are checked against it, so every '
+                                f"problem needs one (string or number)")
+            reasoning = row.get("reasoning", "")
+            if not isinstance(reasoning, str):
+                raise DataError(f'{where}: "reasoning" must be a string')
+            problem = Problem(self.name, row["prompt"], str(answer).strip(), reasoning=reasoning)
+            if split_of(problem.key) == split:
+                self.problems.append(problem)
         if not self.problems:
-            raise ValueError(f"{self.path}: no {split} problems (the split is by hash; add more lines)")
+            raise DataError(f"{self.path}: no {split} problems (the split is by hash; add more lines)")
 
     def sample(self, rng_or_seed, n):
         rng = _rng(rng_or_seed)

@@ -107,10 +107,10 @@ def test_text_jsonl_parquet_and_folders(tmp_path, tok):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"text": "ok"}\n{"text": "ok"\n', r"bad\.jsonl:2: invalid JSON"),
+    ('{"text": "ok"}\n{"text": "ok"\n', r"bad\.jsonl:2: not valid JSON"),
     ('{"text": "ok"}\n\n{"body": "x"}\n', r"bad\.jsonl:3: no 'text' field \(found \['body'\]\)"),
     ('{"text": 5}\n', r"bad\.jsonl:1: 'text' must be a string"),
-    ('[1, 2]\n', r"bad\.jsonl:1: no 'text' field"),
+    ('[1, 2]\n', r"bad\.jsonl:1: expected an object like \{\"text\": \"\.\.\.\"\}, got list"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, tok, content, message):
     (tmp_path / "bad.jsonl").write_text(content)

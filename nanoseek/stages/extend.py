@@ -270,7 +270,7 @@ def main(argv=None) -> int:
         pt.save_tokenizer(tok, run_dir)
         corpus = None if args.passkey_rate >= 1 else data.load_corpus(tok, args.data, cache_dir=run_dir / "cache",
                                                                         log=print)
-    except (pt.DataError, data.DataError, RunDirError, ValueError, OSError) as e:
+    except (data.DataError, RunDirError, ValueError, OSError) as e:
         print(f"nanoseek extend: {e}", file=sys.stderr)
         return 2
     if args.dsa:
