@@ -44,6 +44,11 @@ def summary_of(run: Path) -> dict:
     return summary[0]
 
 
+def final_grpo_weights(run: Path) -> str:
+    ckpt = run / "grpo" / "checkpoints" / (run / "grpo" / "checkpoints" / "latest").read_text().strip()
+    return json.loads((ckpt / "manifest.json").read_text())["files"]["model/model.safetensors"]["sha256"]
+
+
 @pytest.mark.slow
 def test_speedrun_smoke(tmp_path):
     run = tmp_path / "run"
@@ -79,21 +84,25 @@ def test_speedrun_smoke(tmp_path):
 @pytest.mark.slow
 def test_speedrun_killed_mid_grpo_finishes_with_the_numbers_of_an_uninterrupted_run(tmp_path):
     """SIGKILL in the middle of GRPO (after its step-2 checkpoint), then the same command again: the report's
-    numbers equal those of a run whose GRPO was never interrupted (a copy taken at the kill, GRPO redone from
-    scratch). Pretraining and SFT resume are covered by tests/test_trainer.py."""
+    numbers equal those of a run whose GRPO was never interrupted (the same run dir with GRPO and the evaluations
+    deleted, so GRPO runs from scratch on the same SFT model; run dirs record their paths, so it cannot be a copy).
+    Pretraining and SFT resume are covered by tests/test_trainer.py."""
     run = tmp_path / "run"
     cmd = smoke_command(tmp_path, run)
     env = {**os.environ, "NANOSEEK_FAULT_CRASH_AT_STEP": "3", "NANOSEEK_FAULT_STAGE": "grpo"}
     killed = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-3000:]
     assert (run / "grpo" / "checkpoints" / "latest").exists() and not (run / "report.md").exists()
-    fresh = tmp_path / "fresh"
-    shutil.copytree(run, fresh)
-    shutil.rmtree(fresh / "grpo")
-    outs = [subprocess.run(smoke_command(tmp_path, r), capture_output=True, text=True, timeout=900) for r in (run, fresh)]
-    for out in outs:
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "[grpo] resuming from step 2" in outs[0].stdout + outs[0].stderr
-    resumed, uninterrupted = summary_of(run), summary_of(fresh)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "[grpo] resuming from step 2" in resumed.stdout
+    after_kill, weights_after_kill = summary_of(run), final_grpo_weights(run)
+    for path in (run / "grpo", run / "evals"):
+        shutil.rmtree(path)
+    fresh = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert fresh.returncode == 0, fresh.stdout[-2000:] + fresh.stderr[-3000:]
+    assert "[grpo] resuming" not in fresh.stdout
+    uninterrupted = summary_of(run)
+    assert final_grpo_weights(run) == weights_after_kill  # sha256 of the final GRPO model: bitwise equal
     for key in SUMMARY_KEYS:
-        assert resumed[key] == uninterrupted[key], key
+        assert after_kill[key] == uninterrupted[key], key
