@@ -1,8 +1,8 @@
 """Corpora, the tokenised cache, fill-in-the-middle, packing and the resumable loader.
 
 Flow: sources (paths) -> documents (key, text, split) -> TokenizedCorpus (ids cached on disk, split into
-train/val by a hash of each document's key, unless a JSONL record pins its "split") -> PackedLoader (shuffle per epoch, FIM, pack into rows,
-shard rows across ranks) and val_batches (fixed, no FIM).
+train/val by a hash of each document's key, unless a JSONL record pins its "split") -> PackedLoader (shuffle
+per epoch, FIM, pack into rows, shard rows across ranks) and val_batches (fixed, no FIM).
 
 Shape legend: B batch rows, T sequence length, R packed rows, D documents, N tokens.
 

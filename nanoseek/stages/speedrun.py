@@ -70,9 +70,10 @@ def plan(budget: float, eval_n: int) -> dict:
 def write_reasoning_corpus(path: Path, task_name: str, difficulty: int, seed: int, n: int = 100_000) -> None:
     """Worked solutions as plain-text pretraining documents ("What is 15 + 59?" then the <think>/<answer> text):
     60% the speedrun's task at its difficulty, 40% addition and multiplication at 1..difficulty+1 digits. At the
-    default size they are ~40% of the corpus tokens, so pretraining already sees the skill and the format that SFT
-    and GRPO then sharpen (a 20-minute `small` model learns little arithmetic from 5%; dev/LOG.md). Problems come
-    from the tasks' train split and the records pin "split": "train", so validation stays held-out code."""
+    default size they are ~40% of the corpus tokens: pretraining learns the format and the digit facts (SFT's first
+    loss after it is ~0.8 nats/token); reading the operands out of the question is learned in SFT, not here
+    (dev/LOG.md). Problems come from the tasks' train split and the records pin "split": "train", so validation
+    stays held-out code."""
     if path.exists():
         return
     rng = random.Random(seed)
