@@ -86,7 +86,7 @@ def checked_steps(problem: tasks.Problem, text: str) -> tuple[list[str], int | N
 
 
 def step_prefix(steps: list[str]) -> str:
-    """The assistant text a node stands for, in the worked solutions' layout (tasks._format)."""
+    """The assistant text a node stands for, in the worked solutions' layout (tasks.format_completion)."""
     return "<think>\n" + "".join(s + "\n" for s in steps) if steps else ""
 
 

@@ -314,7 +314,8 @@ def _random_int(rng: random.Random, digits: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
-def _format(think: list[str], answer: str) -> str:
+def format_completion(think: list[str], answer: str) -> str:
+    """`<think>` the lines `</think><answer>` answer `</answer>`, the layout of every worked solution."""
     return "<think>\n" + "\n".join(think) + "\n</think>\n<answer>" + answer + "</answer>"
 
 
@@ -342,7 +343,7 @@ class AdditionTask(Task):
             lines.append(f"{x} + {y} + {carry} = {s}, write {s % 10} carry {s // 10}")
             carry = s // 10
         lines.append(f"{a} + {b} = {a + b}")
-        return _format(lines, problem.answer)
+        return format_completion(lines, problem.answer)
 
 
 class MultiplicationTask(Task):
@@ -372,7 +373,7 @@ class MultiplicationTask(Task):
             lines.append(f"{total} + {p} = {total + p}")
             total += p
         lines.append(f"{a} * {b} = {a * b}")
-        return _format(lines, problem.answer)
+        return format_completion(lines, problem.answer)
 
 
 class CountdownTask(Task):
@@ -419,7 +420,7 @@ class CountdownTask(Task):
     @staticmethod
     def solution(problem):
         lines = [f"Combine two numbers at a time until {problem.target} is reached."] + list(problem.steps)
-        return _format(lines, problem.answer)
+        return format_completion(lines, problem.answer)
 
 
 class JsonlTask(Task):
@@ -460,7 +461,7 @@ class JsonlTask(Task):
             raise ValueError(
                 f'JSONL problem {problem.prompt[:60]!r} has no "reasoning"; add one to its line to use it for SFT'
             )
-        return _format([problem.reasoning.strip()], problem.answer)
+        return format_completion([problem.reasoning.strip()], problem.answer)
 
 
 TASKS: dict[str, type[Task]] = {

@@ -16,6 +16,7 @@ import torch
 from nanoseek import ModelConfig, Transformer, tasks
 from nanoseek import posttrain as pt
 from nanoseek.hf import read_safetensors
+from nanoseek.stages import distill
 from nanoseek.losses import dpo_loss
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.trainer import read_metrics
@@ -390,6 +391,25 @@ def test_distill_dense_student_with_logit_kd_and_cckd(tmp_path, init_dir, monkey
     assert {"loss/lm", "loss/logit_kd", "loss/cckd", "eval/accuracy"} <= set(rows[-1])
     student, _ = pt.load_init(run)
     assert not student.moe_layers() and student.config.n_routed_experts == 0
+
+    # The control: the same (pretrained) student on the same verified problems, reasoning removed.
+    def no_teacher_sampling(*a, **k):
+        raise AssertionError("--traces must skip the teacher's sampling")
+
+    monkeypatch.setattr(pt, "generate", no_teacher_sampling)
+    ctl = tmp_path / "control"
+    argv = ["--teacher", init_dir, "--student-init", init_dir, "--task", "addition", "--traces", run / "traces.jsonl",
+            "--no-traces", "--steps", 2, "--seq-len", 192, "--batch-size", 4, "--eval-every", 0, *THREADS]
+    assert run_stage("distill", ["--run-dir", ctl, *argv]) == 0
+    assert not (ctl / "traces.jsonl").exists()
+    student, _ = pt.load_init(ctl)
+    assert student.config == pt.load_init(init_dir)[0].config  # the pretrained shape, not --student-preset's
+    shown = distill.answer_only(traces[0])
+    assert shown[:2] == traces[0][:2]
+    answer = tasks.extract_answer(traces[0][2]["content"])
+    assert "\n" in traces[0][2]["content"].split("</think>")[0].strip()  # the trace had reasoning lines
+    assert shown[2]["content"] == f"<think>\n\n</think>\n<answer>{answer}</answer>"
+    assert run_stage("distill", ["--run-dir", tmp_path / "bad", *argv[:-len(THREADS)], "--dense", *THREADS]) == 2
 
 
 # ------------------------------------------------------------------------------------------------ eval

@@ -8,7 +8,16 @@ on those tokens (--logit-kd-weight, --temperature) and the correlation structure
     nanoseek distill --run-dir runs_out/distill --teacher runs_out/grpo --student-preset tiny --dense --task addition
 
 The student uses the teacher's tokenizer; --dense makes it a dense model (n_routed_experts = 0, SwiGLU in every
-layer), as the R1 distilled Qwen/Llama models are dense. Running the same command again resumes.
+layer), as the R1 distilled Qwen/Llama models are dense. --student-init starts it from a pretrained checkpoint
+instead of random weights (R1 distilled into pretrained Qwen and Llama models). Running the same command again
+resumes.
+
+The control R1's claim needs, the same student trained on the same verified problems without the reasoning:
+
+    nanoseek distill --run-dir runs_out/distill_ctl --traces runs_out/distill/traces.jsonl --no-traces ...
+
+--traces reuses another run's verified traces (no teacher sampling, so both runs see the same problems); with
+--no-traces every assistant turn keeps only its verified answer, `<think>\n\n</think>\n<answer>A</answer>`.
 """
 
 from __future__ import annotations
@@ -45,10 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-kd-weight", type=float, default=0.0, help="weight of logit distillation (0: off)")
     p.add_argument("--temperature", type=float, default=1.0, help="softening temperature of logit distillation")
     p.add_argument("--cckd-weight", type=float, default=0.0, help="weight of the CCKD correlation term (0: off)")
+    p.add_argument("--student-init", type=Path, help="pretrained student (run dir or HF folder) with the teacher's "
+                   "tokenizer, instead of random weights of --student-preset")
+    p.add_argument("--traces", type=Path, help="verified traces JSONL from an earlier run (skips teacher sampling)")
+    p.add_argument("--no-traces", action="store_true", help="the control: train on the verified answers only, "
+                   "with the reasoning removed")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (default 512)")
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems per eval (default 200)")
     pt.add_train_args(p, steps=200, lr=1e-3, batch_size=8, warmup=10, schedule="cosine")
     return p
+
+
+def answer_only(messages: list[dict]) -> list[dict]:
+    """The conversation with each assistant turn reduced to its final answer (an empty think block)."""
+    out = []
+    for m in messages:
+        if m["role"] == "assistant":
+            answer = tasks.extract_answer(m["content"])
+            if answer is None:
+                raise pt.DataError(f"--no-traces: an assistant turn has no <answer>...</answer>: {m['content'][:80]!r}")
+            m = {**m, "content": tasks.format_completion([], answer.strip())}
+        out.append(m)
+    return out
 
 
 def main(argv=None) -> int:
@@ -62,17 +89,28 @@ def main(argv=None) -> int:
         eval_task = tasks.make_task(args.task, "eval", args.difficulty)
         from .pretrain import model_config_for
 
-        config = model_config_for(args.student_preset, tok, args.seq_len)
-        if args.dense:
-            config = config.replace(n_routed_experts=0, n_shared_experts=0)
-        torch.manual_seed(args.seed)
-        student = Transformer(config)
+        if args.student_init:
+            if args.dense:
+                raise ValueError("--dense shapes a new student; --student-init brings its own shape")
+            student, student_tok = pt.load_init(args.student_init)
+            if student_tok.fingerprint() != tok.fingerprint():
+                raise ValueError(f"--student-init {args.student_init} has another tokenizer than the teacher; "
+                                 "distillation needs the teacher's vocabulary")
+        else:
+            config = model_config_for(args.student_preset, tok, args.seq_len)
+            if args.dense:
+                config = config.replace(n_routed_experts=0, n_shared_experts=0)
+            torch.manual_seed(args.seed)
+            student = Transformer(config)
         resuming = prepare_run_dir(args.run_dir, pt.run_config("distill", student, args), may_change=pt.MAY_CHANGE)
         pt.save_tokenizer(tok, args.run_dir)
     except (pt.DataError, RunDirError, ValueError, OSError) as e:
         print(f"nanoseek distill: {e}", file=sys.stderr)
         return 2
-    path = args.run_dir / "traces.jsonl"
+    path = args.traces or args.run_dir / "traces.jsonl"
+    if args.traces and not path.is_file():
+        print(f"nanoseek distill: --traces {path} does not exist", file=sys.stderr)
+        return 2
     if not path.exists():
         problems = train_task.sample(pt.seed_of(args.seed, "distill-prompts"), args.prompts)
         rows = pt.rejection_sample(teacher, tok, problems, args.samples_per_prompt, seed=args.seed,
@@ -83,14 +121,17 @@ def main(argv=None) -> int:
             return 1
         pt.write_jsonl(path, rows)
     traces = pt.read_chat_jsonl(path)
+    if args.no_traces:
+        traces = [answer_only(t) for t in traces]
     stream = pt.ExampleStream(traces, seed=args.seed, name=f"data:{pt.fingerprint(traces)}")
     batches = pt.PackedSFTBatches(stream, tok, args.batch_size, args.seq_len)
     kd = args.logit_kd_weight > 0 or args.cckd_weight > 0
     loss_fn = (pt.distill_loss_fn(teacher, logit_kd_weight=args.logit_kd_weight, temperature=args.temperature,
                                   cckd_weight=args.cckd_weight) if kd else lm_loss)
     counts, t_counts = student.param_counts(), teacher.param_counts()
-    print(f"distill: teacher {t_counts['total'] / 1e6:.2f}M -> student {args.student_preset}"
-          f"{' dense' if args.dense else ''} {counts['total'] / 1e6:.2f}M params, {len(traces)} verified traces, "
+    name = args.student_init or f"{args.student_preset}{' dense' if args.dense else ''}"
+    print(f"distill: teacher {t_counts['total'] / 1e6:.2f}M -> student {name} {counts['total'] / 1e6:.2f}M params, "
+          f"{len(traces)} verified {'answers (reasoning removed)' if args.no_traces else 'traces'}, "
           f"{args.steps} steps, logit KD {args.logit_kd_weight:g}, CCKD {args.cckd_weight:g}, run dir {args.run_dir}"
           + (" [resuming]" if resuming else ""))
     t0 = time.time()
