@@ -76,14 +76,15 @@ def pass_at_budget_curves(model, tok, args) -> dict:
     problems = pt.eval_problems(task, args.n, args.seed)
     budget = max(args.budgets)
     out: dict = {"task": args.task, "n": args.n, "difficulty": args.difficulty, "budgets": args.budgets,
-                 "batch": args.batch, "c": args.c, "gamma": args.gamma, "temperature": args.temperature,
+                 "batch": args.batch, "c": args.c, "gamma": args.gamma, "novelty": args.novelty,
+                 "temperature": args.temperature,
                  "seed": args.seed, "max_new_tokens": args.max_new_tokens}
     results = {}
     for method in search.METHODS:
         policy = search.EnginePolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         t0 = time.perf_counter()
         results[method] = search.search(problems, policy, budget, method=method, seed=args.seed,
-                                        batch=args.batch, c=args.c, gamma=args.gamma)
+                                        batch=args.batch, c=args.c, gamma=args.gamma, novelty=args.novelty)
         curve = search.pass_at_budget(results[method], args.budgets)
         out[method] = {"pass_at_budget": {str(b): v for b, v in curve.items()},
                        "samples": sum(r.samples for r in results[method]), "tokens": policy.tokens,
@@ -142,7 +143,7 @@ def expert_iteration(model_path: Path, model, tok, args) -> dict:
     policy = search.EnginePolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     t0 = time.perf_counter()
     results = search.search(problems, policy, args.ei_budget, method="rmaxts", seed=args.seed, batch=args.batch,
-                            c=args.c, gamma=args.gamma, max_solutions=args.ei_solutions)
+                            c=args.c, gamma=args.gamma, max_solutions=args.ei_solutions, novelty=args.novelty)
     rows = search.sft_rows(results)
     solved = sum(bool(r.solutions) for r in results)
     print(f"expert iteration: {solved}/{len(results)} training problems solved, {len(rows)} solutions kept "
@@ -184,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="samples per problem per round (default 4)")
     p.add_argument("--c", type=float, default=1.0)
     p.add_argument("--gamma", type=float, default=0.99)
+    p.add_argument("--novelty", choices=search.NOVELTY, default="state", help="RMaxTS intrinsic reward for a new "
+                   "task state (default) or any new line")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=96, help="countdown d1 solutions are ~60 tokens")
     p.add_argument("--seed", type=int, default=0)

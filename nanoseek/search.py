@@ -17,9 +17,12 @@ RMaxTS     Monte-Carlo tree search whose nodes are reasoning steps, the lines of
   expand   sample one completion from the node's prefix (one sample of the budget), check its steps, and keep
            them up to the first one the step checker rejects (tasks.first_bad_step): truncate-and-resume. The
            kept steps below the node are added to the tree as a chain; steps already there are shared.
-  reward   extrinsic 1 if the completion's answer verifies, plus the RMax intrinsic reward 1 if the chain added
-           at least one new node (Prover sec. 3.2: optimism about the unexplored, so that the search explores
-           while no proof has been found, when the extrinsic reward is always 0).
+  reward   extrinsic 1 if the completion's answer verifies, plus the RMax intrinsic reward 1 if the chain reached
+           something new (Prover sec. 3.2: optimism about the unexplored, so that the search explores while no
+           proof has been found, when the extrinsic reward is always 0). New means, with novelty="state" (the
+           default), a task state never reached before in this tree (tasks.step_state: countdown's numbers
+           left, arithmetic's equations), as Prover's nodes are tactic states; with novelty="node", any new
+           line of text, so a reworded free-text line counts too.
   backup   along the selection path, ending with the edge the walk stopped at: at each node on it, the
            statistics of all its edges are discounted by gamma, then the chosen edge adds (reward, 1). This is
            discounted UCB (Garivier & Moulines 2011), which Prover uses because the intrinsic reward is not
@@ -49,6 +52,7 @@ from . import posttrain as pt
 from . import tasks
 
 METHODS = ("rmaxts", "best-of-n")
+NOVELTY = ("state", "node")  # what earns RMaxTS's intrinsic reward: a new task state, or any new line
 
 
 @dataclass(frozen=True)
@@ -123,11 +127,14 @@ class Node:
 class Tree:
     """The RMaxTS tree of one problem (see the module docstring); select() then expand() is one iteration."""
 
-    def __init__(self, problem: tasks.Problem, *, c: float = 1.0, gamma: float = 0.99):
+    def __init__(self, problem: tasks.Problem, *, c: float = 1.0, gamma: float = 0.99, novelty: str = "state"):
         if c < 0 or not 0 < gamma <= 1:
             raise ValueError(f"need c >= 0 and 0 < gamma <= 1, got c={c}, gamma={gamma}")
-        self.problem, self.c, self.gamma = problem, c, gamma
+        if novelty not in NOVELTY:
+            raise ValueError(f"novelty must be one of {list(NOVELTY)}, got {novelty!r}")
+        self.problem, self.c, self.gamma, self.novelty = problem, c, gamma, novelty
         self.nodes = [Node(0, None, "", 0)]
+        self.states = {tasks.step_state(problem, [])}  # reached so far (novelty="state")
         self.log: list[dict] = []  # one record per expansion, in order
 
     def steps(self, node_id: int) -> list[str]:
@@ -167,8 +174,12 @@ class Tree:
             raise RuntimeError(f"completion does not start with its node's steps: {text[:200]!r}")
         solved = is_solved(self.problem, text)
         self.nodes[node_id].expansions += 1
-        node, new = self.nodes[node_id], 0
-        for step in valid[depth:]:  # truncate-and-resume: the chain stops before the first bad step
+        node, new, new_states = self.nodes[node_id], 0, 0
+        for k, step in enumerate(valid[depth:], start=depth + 1):  # truncate-and-resume: stop before a bad step
+            state = tasks.step_state(self.problem, valid[:k])
+            if state not in self.states:
+                self.states.add(state)
+                new_states += 1
             if step not in node.children:
                 child = Node(len(self.nodes), node.id, step, node.depth + 1)
                 self.nodes.append(child)
@@ -180,10 +191,11 @@ class Tree:
             while k is not None:
                 self.nodes[k].solved = True
                 k = self.nodes[k].parent
-        reward = float(solved) + float(new > 0)  # extrinsic + RMax intrinsic
+        novel = new_states if self.novelty == "state" else new
+        reward = float(solved) + float(novel > 0)  # extrinsic + RMax intrinsic
         self.backup(path, reward)
-        out = {**record, "node": node_id, "new_nodes": new, "bad_step": bad, "solved": solved, "reward": reward,
-               "text": text}
+        out = {**record, "node": node_id, "new_nodes": new, "new_states": new_states, "bad_step": bad,
+               "solved": solved, "reward": reward, "text": text}
         self.log.append(out)
         return out
 
@@ -209,7 +221,8 @@ class Tree:
                   "expansions": n.expansions, "solved": n.solved} for n in self.nodes]
         return {"problem": {"prompt": self.problem.prompt, "answer": self.problem.answer,
                             "numbers": list(self.problem.numbers), "target": self.problem.target},
-                "c": self.c, "gamma": self.gamma, "nodes": nodes, "expansions": self.log}
+                "c": self.c, "gamma": self.gamma, "novelty": self.novelty, "states": len(self.states), "nodes": nodes,
+                "expansions": self.log}
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -224,7 +237,8 @@ class SearchResult:
 
 
 def search(problems: list[tasks.Problem], policy: Policy, budget: int, *, method: str = "rmaxts", seed: int = 0,
-           batch: int = 4, c: float = 1.0, gamma: float = 0.99, max_solutions: int = 1) -> list[SearchResult]:
+           batch: int = 4, c: float = 1.0, gamma: float = 0.99, max_solutions: int = 1,
+           novelty: str = "state") -> list[SearchResult]:
     """Search every problem with `budget` samples, in rounds of up to `batch` samples per problem and one policy
     call per round; a problem stops when it has `max_solutions` distinct verified completions."""
     if method not in METHODS:
@@ -236,8 +250,8 @@ def search(problems: list[tasks.Problem], policy: Policy, budget: int, *, method
     if method == "rmaxts":
         for task_name in {p.task for p in problems}:
             require_step_checker(task_name)
-    results = [SearchResult(p, method, tree=Tree(p, c=c, gamma=gamma) if method == "rmaxts" else None)
-               for p in problems]
+    results = [SearchResult(p, method, tree=Tree(p, c=c, gamma=gamma, novelty=novelty) if method == "rmaxts"
+                            else None) for p in problems]
     while True:
         queries, owners = [], []
         for i, r in enumerate(results):
@@ -333,13 +347,14 @@ def sft_rows(results: list[SearchResult], system_prompt: str = tasks.DEFAULT_SYS
 
 def evaluate_search(model, tok, task: tasks.Task, n: int, *, method: str, budget: int, seed: int = 0,
                     batch: int = 4, c: float = 1.0, gamma: float = 0.99, max_new_tokens: int = 256,
-                    temperature: float = 1.0, top_p: float = 1.0, examples: int = 0) -> tuple[dict, list]:
+                    temperature: float = 1.0, top_p: float = 1.0, examples: int = 0,
+                    novelty: str = "state") -> tuple[dict, list]:
     """pass@budget of `method` on the n problems `nanoseek eval` uses with this seed (posttrain.eval_problems):
     (summary dict, the SearchResults)."""
     policy = EnginePolicy(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     t0 = time.perf_counter()
     results = search(pt.eval_problems(task, n, seed), policy, budget, method=method, seed=seed, batch=batch,
-                     c=c, gamma=gamma)
+                     c=c, gamma=gamma, novelty=novelty)
     out = {**summarize(results, budget), "decode": f"sampled T={temperature} top_p={top_p}",
            "tokens": policy.tokens, "seconds": time.perf_counter() - t0}
     if examples:

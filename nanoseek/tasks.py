@@ -257,6 +257,26 @@ def first_bad_step(problem: Problem, steps: list[str]) -> int | None:
     return None
 
 
+def step_state(problem: Problem, steps: list[str]) -> tuple:
+    """What a chain of valid steps (first_bad_step is None) has reached, as a hashable state: for countdown the
+    multiset of numbers still available, so two orders of the same combinations are one state; for arithmetic the
+    equations in order, whitespace normalised. Free-text lines reach nothing. RMaxTS rewards new states, as
+    Prover's tree rewards new tactic states, so rewording a line earns no intrinsic reward."""
+    if problem.task not in STEP_TASKS:
+        raise ValueError(f"no step state for task {problem.task!r} (steps are checked for arithmetic and countdown)")
+    pool, equations = Counter(problem.numbers), []
+    for line in steps:
+        parsed = _parse_step(line) if "=" in line else None
+        if parsed is None:
+            continue
+        _, used, result, _ = parsed
+        if problem.task == "countdown":
+            pool = pool - Counter(used) + Counter([result])
+        else:
+            equations.append(" ".join(line.split()))
+    return tuple(sorted(pool.elements())) if problem.task == "countdown" else tuple(equations)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks
 

@@ -99,6 +99,34 @@ def test_intrinsic_reward_only_for_new_nodes_extrinsic_for_a_verified_answer():
     assert solved == ["", "Combine two numbers at a time until 22 is reached.", "3 * 5 = 15", "15 + 7 = 22"]
 
 
+def test_intrinsic_reward_for_new_states_not_reworded_or_reordered_lines():
+    """novelty="state": a reworded free-text line and the same combination written the other way round reach no
+    new state (countdown: the numbers left), so they earn nothing; novelty="node" pays for any new line."""
+    reworded = "<think>\nLet us reach 22.\n3 * 5 = 15\n" + BAD
+    swapped = "<think>\nCombine two numbers at a time until 22 is reached.\n5 * 3 = 15\n" + BAD
+    rewards = {}
+    for novelty in search.NOVELTY:
+        tree = Tree(P, novelty=novelty)
+        first = tree.expand(*tree.select(), HEAD + "3 * 5 = 15\n" + BAD)
+        assert (first["new_nodes"], first["new_states"], first["reward"]) == (2, 1, 1.0)
+        rewards[novelty] = [tree.expand(*at_root(tree), text)["reward"] for text in (reworded, swapped)]
+        assert len(tree.nodes) == 6  # the tree of text keeps every new line either way, for resuming
+        assert tree.to_json()["states"] == 2  # (3, 5, 7) and (7, 15)
+    assert rewards == {"state": [0.0, 0.0], "node": [1.0, 1.0]}
+    with pytest.raises(ValueError, match="novelty"):
+        Tree(P, novelty="text")
+
+
+def test_step_state_countdown_pool_and_arithmetic_equations():
+    assert tasks.step_state(P, []) == (3, 5, 7)
+    assert tasks.step_state(P, ["Combine them.", "3 * 5 = 15"]) == tasks.step_state(P, ["5*3 = 15"]) == (7, 15)
+    assert tasks.step_state(P, ["3 * 5 = 15", "15 + 7 = 22"]) == (22,)
+    add = tasks.Problem("addition", "What is 17 + 25?", "42", numbers=(17, 25), target=42)
+    assert tasks.step_state(add, ["Add the ones.", "7 + 5 = 12, write 2 carry 1"]) == ("7 + 5 = 12, write 2 carry 1",)
+    with pytest.raises(ValueError, match="no step state"):
+        tasks.step_state(tasks.Problem("jsonl", "q", "a"), [])
+
+
 # ----------------------------------------------------------------------------------------- truncate-and-resume
 def test_truncate_at_first_bad_step_and_resume_from_the_last_valid_one():
     policy = scripted(resume_policy)

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         result, _ = search.evaluate_search(model, tok, task, args.n, method=args.method, budget=args.budget,
                                            seed=args.seed, batch=args.batch, c=args.c, gamma=args.gamma,
                                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                           top_p=args.top_p, examples=args.examples)
+                                           top_p=args.top_p, examples=args.examples, novelty=args.novelty)
     else:
         result = pt.evaluate_task(model, tok, task, args.n, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                   samples=args.samples, temperature=args.temperature, top_p=args.top_p,

@@ -39,6 +39,8 @@ def add_search_args(p: argparse.ArgumentParser, *, method: str | None) -> None:
                    help="search: samples per problem per round, generated together (default 4)")
     p.add_argument("--c", type=float, default=1.0, help="RMaxTS: UCB exploration constant (default 1)")
     p.add_argument("--gamma", type=float, default=0.99, help="RMaxTS: discount of the UCB statistics (0.99)")
+    p.add_argument("--novelty", choices=search.NOVELTY, default="state",
+                   help="RMaxTS: what earns the intrinsic reward, a new task state (default) or any new line")
 
 
 def check_search_args(args) -> None:
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
     policy = search.EnginePolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_p=args.top_p)
     results = search.search(problems, policy, args.budget, method=args.method, seed=args.seed, batch=args.batch,
-                            c=args.c, gamma=args.gamma, max_solutions=max_solutions)
+                            c=args.c, gamma=args.gamma, max_solutions=max_solutions,
+                            novelty=args.novelty)
     summary = {"model": str(args.model), "task": args.task, "difficulty": args.difficulty, "split": split,
                "seed": args.seed, **search.summarize(results, args.budget), "tokens": policy.tokens}
     curve = "  ".join(f"@{b} {v:.3f}" for b, v in summary["pass_at_budget"].items())
