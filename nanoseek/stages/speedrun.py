@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import random
 import statistics
 import sys
@@ -154,7 +155,8 @@ def inference_stats(model, tok, task, n_prompts: int, seed: int) -> dict:
 
     problems = task.sample(random.Random(seed), n_prompts)
     prompts = [pt.prompt_ids(tok, p) for p in problems]
-    out = {}
+    # Timings on a shared CPU mean little without the load they were taken under.
+    out = {"load_average": os.getloadavg()[0], "threads": torch.get_num_threads()}
     for spec in (False, True):
         if spec and not model.mtp:
             continue
@@ -276,7 +278,8 @@ def summarize(args, steps, dirs, results, seconds) -> dict:
         (f"held-out {args.task} accuracy after GRPO (greedy, 95% CI)", ci(acc_g)),
         ("MTP speculative acceptance (second token)", fmt(numbers["mtp_acceptance"])),
         ("decode tokens/s, batch 1 (plain / MTP speculative)",
-         f"{fmt(numbers['decode_tokens_per_s'], 1)} / {fmt(numbers['speculative_tokens_per_s'], 1)}"),
+         f"{fmt(numbers['decode_tokens_per_s'], 1)} / {fmt(numbers['speculative_tokens_per_s'], 1)}"
+         + (f" ({inf['threads']} threads, load average {inf['load_average']:.1f})" if "load_average" in inf else "")),
         ("cache bytes per token (latent vs per-head K/V)",
          f"{numbers['cache_bytes_per_token']:,} vs {numbers['kv_cache_bytes_per_token']:,}"),
     ] + [(f"{s} training tokens/s (median step), MFU", f"{fmt(tps[s], 0)}, {fmt(mfu[s])}") for s in dirs]
