@@ -80,16 +80,22 @@ def pass_at_budget_curves(model, tok, args) -> dict:
                  "temperature": args.temperature,
                  "seed": args.seed, "max_new_tokens": args.max_new_tokens}
     results = {}
-    for method in search.METHODS:
+    # (curve name, method, novelty); the ablation is RMaxTS paying its intrinsic reward for any new line
+    runs = [("rmaxts", "rmaxts", args.novelty), ("best-of-n", "best-of-n", args.novelty)]
+    if args.novelty_ablation:
+        other = next(n for n in search.NOVELTY if n != args.novelty)
+        runs.append((f"rmaxts-{other}", "rmaxts", other))
+    out["curves"] = [name for name, _, _ in runs]
+    for name, method, novelty in runs:
         policy = search.EnginePolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         t0 = time.perf_counter()
-        results[method] = search.search(problems, policy, budget, method=method, seed=args.seed,
-                                        batch=args.batch, c=args.c, gamma=args.gamma, novelty=args.novelty)
-        curve = search.pass_at_budget(results[method], args.budgets)
-        out[method] = {"pass_at_budget": {str(b): v for b, v in curve.items()},
-                       "samples": sum(r.samples for r in results[method]), "tokens": policy.tokens,
-                       "seconds": time.perf_counter() - t0}
-        print(f"{method:>9}: " + "  ".join(f"@{b} {v['rate']:.3f}" for b, v in curve.items())
+        results[name] = search.search(problems, policy, budget, method=method, seed=args.seed,
+                                      batch=args.batch, c=args.c, gamma=args.gamma, novelty=novelty)
+        curve = search.pass_at_budget(results[name], args.budgets)
+        out[name] = {"pass_at_budget": {str(b): v for b, v in curve.items()},
+                     "samples": sum(r.samples for r in results[name]), "tokens": policy.tokens,
+                     "seconds": time.perf_counter() - t0}
+        print(f"{name:>12}: " + "  ".join(f"@{b} {v['rate']:.3f}" for b, v in curve.items())
               + f"   ({policy.tokens} tokens, {time.perf_counter() - t0:.0f}s)", flush=True)
     paired = {}
     for b in args.budgets:
@@ -107,10 +113,10 @@ def plot(path: Path, out: dict) -> None:
     from nanoseek.report import plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for method in search.METHODS:
-        curve = out[method]["pass_at_budget"]
+    for name in out.get("curves", search.METHODS):
+        curve = out[name]["pass_at_budget"]
         xs = [int(b) for b in curve]
-        ax.plot(xs, [curve[b]["rate"] for b in curve], marker="o", ms=3, label=method)
+        ax.plot(xs, [curve[b]["rate"] for b in curve], marker="o", ms=3, label=name)
         ax.fill_between(xs, [curve[b]["ci95"][0] for b in curve], [curve[b]["ci95"][1] for b in curve], alpha=0.2)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
@@ -187,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--novelty", choices=search.NOVELTY, default="state", help="RMaxTS intrinsic reward for a new "
                    "task state (default) or any new line")
+    p.add_argument("--novelty-ablation", action="store_true",
+                   help="also run RMaxTS with the other --novelty (a third curve)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=96, help="countdown d1 solutions are ~60 tokens")
     p.add_argument("--seed", type=int, default=0)
