@@ -154,6 +154,11 @@ def plot(fit: scaling.IsoFlopFit, results: list[dict], path: Path) -> None:
             ax2.plot(cs, law[0] * cs ** law[1], "-", color=color, label=f"{label} fit: {law[0]:.3g} C^{law[1]:.3f}")
         ax2.plot(cs, paper[0] * cs ** paper[1], "--", color=color, alpha=0.6,
                  label=f"{label} paper: {paper[0]} C^{paper[1]}")
+    # The best size tried at each budget, fitted or not: where the fits fail this is still the measurement.
+    best = [min((r for r in results if r["budget"] == C), key=lambda r: r["loss"]) for C in budgets]
+    ax2.plot(budgets, [r["M"] for r in best], "x", color="C0", markersize=9, label="M of the best size tried")
+    ax2.plot(budgets, [C / r["M"] for C, r in zip(budgets, best)], "x", color="C1", markersize=9,
+             label="D of the best size tried")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("compute C = M D (FLOPs)")
@@ -209,6 +214,13 @@ def main(argv=None) -> int:
     for C in fit.skipped:
         print(f"  C {C:.2e}: no minimum inside the sizes tried (parabola opens down or vertex far outside); "
               f"left out of the power laws")
+    for C in sorted({r["budget"] for r in results}):
+        pts = sorted((r for r in results if r["budget"] == C), key=lambda r: r["M"])
+        best = min(pts, key=lambda r: r["loss"])
+        where = ("the smallest tried" if best is pts[0] else "the largest tried" if best is pts[-1]
+                 else "inside the sizes tried")
+        print(f"  C {C:.2e}: best size tried M {best['M']:.3g} (loss {best['loss']:.4f}, {where}); the paper's "
+              f"M_opt {scaling.M_COEF * C ** scaling.M_EXP:.3g}")
     if fit.m_law:
         print(f"M_opt = {fit.m_law[0]:.4g} C^{fit.m_law[1]:.4f}   (paper: {scaling.M_COEF} C^{scaling.M_EXP})")
         print(f"D_opt = {fit.d_law[0]:.4g} C^{fit.d_law[1]:.4f}   (paper: {scaling.D_COEF} C^{scaling.D_EXP})")
