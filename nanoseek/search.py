@@ -277,11 +277,12 @@ def search(problems: list[tasks.Problem], policy: Policy, budget: int, *, method
 class EnginePolicy:
     """The model as a search policy: each query's chat prompt + its prefix, continued with posttrain.generate at
     `temperature` with the query's seed. The prefix counts against max_new_tokens, so a resumed completion is no
-    longer than a fresh one; a prefix that already fills it gets an empty continuation."""
+    longer than a fresh one; a prefix that already fills it gets an empty continuation. Up to `max_batch` rows
+    decode together (256 rows: 1.25x the tokens/s of 64 for the 20M speedrun model on 2 cores)."""
 
     def __init__(self, model, tok, *, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
-                 system_prompt: str = tasks.DEFAULT_SYSTEM):
-        self.model, self.tok, self.max_new_tokens = model, tok, max_new_tokens
+                 system_prompt: str = tasks.DEFAULT_SYSTEM, max_batch: int = 256):
+        self.model, self.tok, self.max_new_tokens, self.max_batch = model, tok, max_new_tokens, max_batch
         self.temperature, self.top_p, self.system_prompt = temperature, top_p, system_prompt
         self.tokens = 0  # generated so far, for cost accounting
 
@@ -296,7 +297,8 @@ class EnginePolicy:
         if run:
             completions = pt.generate(self.model, self.tok, [prompts[i] for i in run],
                                       max_new_tokens=[limits[i] for i in run], temperature=self.temperature,
-                                      top_p=self.top_p, seeds=[queries[i].seed for i in run])
+                                      top_p=self.top_p, seeds=[queries[i].seed for i in run],
+                                      max_batch=self.max_batch)
             for i, c in zip(run, completions):
                 out[i] = c.text
                 self.tokens += len(c.ids)
