@@ -316,10 +316,11 @@ def evaluate_task(model: Transformer, tok: Tokenizer, task: tasks.Task, n: int, 
     return out
 
 
-def task_eval_fn(tok: Tokenizer, task: tasks.Task, n: int, *, seed: int, max_new_tokens: int):
+def task_eval_fn(tok: Tokenizer, task: tasks.Task, n: int, *, seed: int, max_new_tokens: int,
+                 system_prompt: str = tasks.DEFAULT_SYSTEM):
     """Trainer eval_fn: held-out accuracy by greedy decoding, as eval/* metrics."""
     def eval_fn(model: Transformer) -> dict:
-        r = evaluate_task(model, tok, task, n, seed=seed, max_new_tokens=max_new_tokens)
+        r = evaluate_task(model, tok, task, n, seed=seed, max_new_tokens=max_new_tokens, system_prompt=system_prompt)
         return {"eval/accuracy": r["accuracy"], "eval/accuracy_low": r["accuracy_ci95"][0],
                 "eval/accuracy_high": r["accuracy_ci95"][1], "eval/format": r["format"],
                 "eval/mean_length": r["mean_length"], "eval/n": n}
@@ -632,6 +633,31 @@ def distill_loss_fn(teacher: Transformer, *, logit_kd_weight: float = 0.0, tempe
 
 
 # ------------------------------------------------------------------------------------------------ stage plumbing
+SYSTEM_PROMPTS = {"default": tasks.DEFAULT_SYSTEM, "r1-zero": tasks.R1_ZERO_SYSTEM}
+
+
+def add_system_prompt_arg(p: argparse.ArgumentParser) -> None:
+    """--system-prompt, for the stages that build prompts from tasks (resolve with resolve_system_prompt)."""
+    p.add_argument("--system-prompt", default="default", metavar="NAME|@FILE|TEXT",
+                   help="system turn of every task prompt: 'default' (a 20-token instruction), 'r1-zero' "
+                        "(R1-Zero's template), @FILE (the file's text) or the text itself; evaluate with the prompt "
+                        "the model was trained with")
+
+
+def resolve_system_prompt(value: str) -> str:
+    """The text --system-prompt names; DataError for an unreadable or empty file or an empty text."""
+    if value in SYSTEM_PROMPTS:
+        return SYSTEM_PROMPTS[value]
+    if value.startswith("@"):
+        try:
+            value = Path(value[1:]).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise DataError(f"--system-prompt {value}: cannot read the file ({e.strerror})") from None
+    if not value.strip():
+        raise DataError(f"--system-prompt is empty; give text, @FILE or one of {sorted(SYSTEM_PROMPTS)}")
+    return value
+
+
 def add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, batch_size: int | None, warmup: int = 0,
                    schedule: str = "constant", save_every: int = 50, eval_every: int = 50) -> None:
     """Options every post-training stage shares (the loop, checkpoints, logging)."""

@@ -350,10 +350,11 @@ def sft_rows(results: list[SearchResult], system_prompt: str = tasks.DEFAULT_SYS
 def evaluate_search(model, tok, task: tasks.Task, n: int, *, method: str, budget: int, seed: int = 0,
                     batch: int = 4, c: float = 1.0, gamma: float = 0.99, max_new_tokens: int = 256,
                     temperature: float = 1.0, top_p: float = 1.0, examples: int = 0,
-                    novelty: str = "state") -> tuple[dict, list]:
+                    novelty: str = "state", system_prompt: str = tasks.DEFAULT_SYSTEM) -> tuple[dict, list]:
     """pass@budget of `method` on the n problems `nanoseek eval` uses with this seed (posttrain.eval_problems):
     (summary dict, the SearchResults)."""
-    policy = EnginePolicy(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    policy = EnginePolicy(model, tok, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          system_prompt=system_prompt)
     t0 = time.perf_counter()
     results = search(pt.eval_problems(task, n, seed), policy, budget, method=method, seed=seed, batch=batch,
                      c=c, gamma=gamma, novelty=novelty)

@@ -412,6 +412,28 @@ def test_distill_dense_student_with_logit_kd_and_cckd(tmp_path, init_dir, monkey
     assert run_stage("distill", ["--run-dir", tmp_path / "bad", *argv[:-len(THREADS)], "--dense", *THREADS]) == 2
 
 
+# ------------------------------------------------------------------------------------------------ system prompt
+def test_system_prompt_option_names_file_text_and_bad_values(tmp_path, tok, init_dir, monkeypatch):
+    assert pt.resolve_system_prompt("default") == tasks.DEFAULT_SYSTEM
+    assert pt.resolve_system_prompt("r1-zero") == tasks.R1_ZERO_SYSTEM
+    (tmp_path / "sys.txt").write_text("Answer tersely.\n")
+    assert pt.resolve_system_prompt(f"@{tmp_path / 'sys.txt'}") == "Answer tersely."
+    for bad in ("@" + str(tmp_path / "missing.txt"), "  "):
+        with pytest.raises(pt.DataError, match="--system-prompt"):
+            pt.resolve_system_prompt(bad)
+    seen = []
+
+    def capture(model, tok_, prompts, **kw):
+        seen.extend(tok.decode(p) for p in prompts)
+        return [pt.Completion([tok.eos_id], "", False) for _ in prompts]
+
+    monkeypatch.setattr(pt, "generate", capture)
+    argv = ["--model", init_dir, "--task", "addition", "--n", 2, "--max-new-tokens", 4, "--run-dir", tmp_path]
+    assert run_stage("eval", [*argv, "--system-prompt", "r1-zero"]) == 0
+    assert len(seen) == 2 and all(tasks.R1_ZERO_SYSTEM in s for s in seen)
+    assert run_stage("eval", [*argv, "--system-prompt", "@" + str(tmp_path / "missing.txt")]) == 2
+
+
 # ------------------------------------------------------------------------------------------------ eval
 def test_eval_stage_writes_accuracy_with_interval_and_pass_at_k(tmp_path, init_dir):
     assert run_stage("eval", ["--model", init_dir, "--task", "addition", "--n", 4, "--samples", 4,

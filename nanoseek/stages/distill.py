@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with the reasoning removed")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row (default 512)")
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems per eval (default 200)")
+    pt.add_system_prompt_arg(p)
     pt.add_train_args(p, steps=200, lr=1e-3, batch_size=8, warmup=10, schedule="cosine")
     return p
 
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        args.system_prompt = pt.resolve_system_prompt(args.system_prompt)
         teacher, tok = pt.load_init(args.teacher, args.tokenizer)
         teacher.requires_grad_(False)
         train_task = tasks.make_task(args.task, "train", args.difficulty)
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
     if not path.exists():
         problems = train_task.sample(pt.seed_of(args.seed, "distill-prompts"), args.prompts)
         rows = pt.rejection_sample(teacher, tok, problems, args.samples_per_prompt, seed=args.seed,
-                                   max_new_tokens=args.max_new_tokens, temperature=args.sample_temperature)
+                                   max_new_tokens=args.max_new_tokens, temperature=args.sample_temperature,
+                                   system_prompt=args.system_prompt)
         if not rows:
             print(f"nanoseek distill: the teacher solved none of {len(problems)} problems x "
                   f"{args.samples_per_prompt} samples; there is nothing to distill", file=sys.stderr)
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     trainer = Trainer(student, optimizer, batches, args.run_dir, pt.train_config(args, mtp_weight=0.0 if kd else 0.1),
                       stage="distill", loss_fn=loss_fn, seq_len=args.seq_len,
                       eval_fn=pt.task_eval_fn(tok, eval_task, args.eval_n, seed=args.seed,
-                                              max_new_tokens=args.max_new_tokens))
+                                              max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt))
     last = trainer.fit()
     if last:
         acc = (f", held-out accuracy {last['eval/accuracy']:.3f} [{last['eval/accuracy_low']:.3f}, "

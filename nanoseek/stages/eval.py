@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=5, help="completions to include in the output (default 5)")
     p.add_argument("--run-dir", type=Path, help="write eval_<task>.json here instead of printing it")
     add_search_args(p, method=None)
+    pt.add_system_prompt_arg(p)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return p
 
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        args.system_prompt = pt.resolve_system_prompt(args.system_prompt)
         if args.n < 1 or args.samples < 1:
             raise ValueError("--n and --samples must be >= 1")
         if args.method and args.samples > 1:
@@ -66,11 +68,12 @@ def main(argv=None) -> int:
         result, _ = search.evaluate_search(model, tok, task, args.n, method=args.method, budget=args.budget,
                                            seed=args.seed, batch=args.batch, c=args.c, gamma=args.gamma,
                                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                           top_p=args.top_p, examples=args.examples, novelty=args.novelty)
+                                           top_p=args.top_p, examples=args.examples, novelty=args.novelty,
+                                           system_prompt=args.system_prompt)
     else:
         result = pt.evaluate_task(model, tok, task, args.n, seed=args.seed, max_new_tokens=args.max_new_tokens,
                                   samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                                  examples=args.examples)
+                                  examples=args.examples, system_prompt=args.system_prompt)
     result = {"model": str(args.model), "task": args.task, "difficulty": args.difficulty, "seed": args.seed,
               **result}
     text = json.dumps(result, indent=2) + "\n"

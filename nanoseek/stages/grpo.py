@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-weight", type=float, default=tasks.DEFAULT_WEIGHTS["format"],
                    help=f"weight of the format reward next to accuracy 1.0 (default {tasks.DEFAULT_WEIGHTS['format']})")
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems per eval, greedy (default 200)")
+    pt.add_system_prompt_arg(p)
     pt.add_train_args(p, steps=100, lr=5e-5, batch_size=None, save_every=20, eval_every=50)
     return p
 
@@ -75,11 +76,12 @@ def build(args) -> dict:
     batches = pt.RolloutBatches(policy, tok, train_task, prompts_per_step=args.prompts_per_step,
                                 group_size=args.group_size, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                 temperature=args.temperature, top_p=args.top_p, mu=args.mu, reference=reference,
-                                reward_fn=reward, scale_std=not args.no_std_scaling)
+                                reward_fn=reward, scale_std=not args.no_std_scaling,
+                                system_prompt=args.system_prompt)
     loss_fn = pt.grpo_loss_fn(loss_type=args.loss_type, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
                               beta=args.beta, max_new_tokens=args.max_new_tokens)
     eval_fn = pt.task_eval_fn(tok, tasks.make_task(args.task, "eval", args.difficulty), args.eval_n,
-                              seed=args.seed, max_new_tokens=args.max_new_tokens)
+                              seed=args.seed, max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt)
     return {"policy": policy, "tok": tok, "reference": reference, "batches": batches, "loss_fn": loss_fn,
             "eval_fn": eval_fn}
 
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        args.system_prompt = pt.resolve_system_prompt(args.system_prompt)
         if args.group_size < 2:
             raise ValueError("--group-size must be >= 2: GRPO compares completions of the same prompt")
         parts = build(args)

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--difficulty", type=int, default=1, help="task difficulty (default 1)")
     p.add_argument("--n", type=int, default=20, help="problems (default 20)")
     add_search_args(p, method="rmaxts")
+    pt.add_system_prompt_arg(p)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=256,
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     split = args.split or ("train" if args.sft_out else "eval")
     max_solutions = args.max_solutions or (4 if args.sft_out else 1)
     try:
+        args.system_prompt = pt.resolve_system_prompt(args.system_prompt)
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
         if args.sft_out and split == "eval":
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     problems = (pt.eval_problems(task, args.n, args.seed) if split == "eval"
                 else task.sample(pt.seed_of(args.seed, "search-prompts"), args.n))
     policy = search.EnginePolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p)
+                                 top_p=args.top_p, system_prompt=args.system_prompt)
     results = search.search(problems, policy, args.budget, method=args.method, seed=args.seed, batch=args.batch,
                             c=args.c, gamma=args.gamma, max_solutions=max_solutions,
                             novelty=args.novelty)
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
           f"{summary['accuracy_ci95'][1]:.3f}]; pass@budget {curve}; {summary['samples_mean']:.1f} samples and "
           f"{policy.tokens / len(results):.0f} tokens per problem")
     if args.sft_out:
-        rows = search.sft_rows(results)
+        rows = search.sft_rows(results, args.system_prompt)
         args.sft_out.parent.mkdir(parents=True, exist_ok=True)
         pt.write_jsonl(args.sft_out, rows)
         print(f"search: wrote {len(rows)} verified solutions of {sum(bool(r.solutions) for r in results)} solved "

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp-weight", type=float, default=0.1, help="MTP loss weight (default 0.1; 0 disables)")
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems per eval (default 200)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit for eval and sampling")
+    pt.add_system_prompt_arg(p)
     pt.add_train_args(p, steps=200, lr=1e-3, batch_size=8, warmup=10, schedule="cosine")
     return p
 
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir
     try:
+        args.system_prompt = pt.resolve_system_prompt(args.system_prompt)
         if args.task is None and not args.data:
             raise pt.DataError("nothing to train on: give --task and/or --data")
         if args.rejection_samples and args.task is None:
@@ -101,7 +103,8 @@ def main(argv=None) -> int:
         if not path.exists():
             problems = train_task.sample(pt.seed_of(args.seed, "rejection-prompts"), args.rejection_prompts)
             rows = pt.rejection_sample(model, tok, problems, args.rejection_samples, seed=args.seed,
-                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       system_prompt=args.system_prompt)
             if not rows:
                 print(f"nanoseek sft: rejection sampling kept no completion of {len(problems)} prompts x "
                       f"{args.rejection_samples}; the model never solves this task yet (SFT it first)",
@@ -112,10 +115,10 @@ def main(argv=None) -> int:
     if examples:
         stream = pt.ExampleStream(examples, seed=args.seed, name=f"data:{pt.fingerprint(examples)}")
     else:
-        stream = pt.task_sft_stream(train_task, args.seed)
+        stream = pt.task_sft_stream(train_task, args.seed, args.system_prompt)
     batches = pt.PackedSFTBatches(stream, tok, args.batch_size, args.seq_len)
-    eval_fn = (pt.task_eval_fn(tok, eval_task, args.eval_n, seed=args.seed, max_new_tokens=args.max_new_tokens)
-               if eval_task else None)
+    eval_fn = (pt.task_eval_fn(tok, eval_task, args.eval_n, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                               system_prompt=args.system_prompt) if eval_task else None)
     if args.mtp_weight == 0:
         pt.freeze_mtp(model)
     optimizer = build_optimizer(model, args.lr, weight_decay=args.weight_decay)
