@@ -305,3 +305,95 @@ def fit_isoflop(points: list[dict], *, extrapolate: float = 2.0) -> IsoFlopFit:
     m_law = fit_power_law(budgets, ms) if len(budgets) >= 2 else None
     d_law = fit_power_law(budgets, ds) if len(budgets) >= 2 else None
     return IsoFlopFit(budgets, parabolas, ms, ds, m_law, d_law, skipped)
+
+
+@dataclass
+class LossSurface:
+    """L(M, D) = E + A / M^alpha + B / D^beta fitted to every point of a sweep (Chinchilla's approach 3, with
+    DeepSeek's M in place of parameters). Minimising it at fixed C = M D gives M_opt = G C^(beta / (alpha + beta))
+    with G = (alpha A / (beta B))^(1 / (alpha + beta)), and D_opt = C / M_opt, so it yields exponents even when no
+    IsoFLOP parabola has its vertex inside the sizes tried."""
+
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+    rms_rel_error: float  # of the fitted losses against the measured ones
+
+    @property
+    def m_exp(self) -> float:
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def d_exp(self) -> float:
+        return self.alpha / (self.alpha + self.beta)
+
+    def m_opt(self, C: float) -> float:
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+        return g * C**self.m_exp
+
+    @property
+    def identified(self) -> bool:
+        """False when an exponent ran away (> MAX_EXPONENT): that term is a wall, not a power law, and the
+        exponents of M_opt and D_opt then only say that the optimum does not move with C in the range swept."""
+        return self.alpha <= self.MAX_EXPONENT and self.beta <= self.MAX_EXPONENT
+
+    MAX_EXPONENT = 3.0  # Chinchilla's are ~0.3; anything past this is a degenerate fit
+
+    def __call__(self, M, D):
+        logM, logD = np.log(np.asarray(M, dtype=np.float64)), np.log(np.asarray(D, dtype=np.float64))
+        return (self.E + np.exp(math.log(self.A) - self.alpha * logM)
+                + np.exp(math.log(self.B) - self.beta * logD))
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "m_exp": self.m_exp, "d_exp": self.d_exp, "identified": self.identified}
+
+
+def fit_loss_surface(points: list[dict]) -> LossSurface:
+    """Least Huber error (delta 1e-3) between log predicted and log measured loss, L-BFGS from a grid of starts
+    (as Chinchilla, sec. D.2); points: dicts with 'budget', 'M', 'loss'. Needs at least 5 points over 2 budgets."""
+    import itertools
+
+    import torch
+
+    if len(points) < 5 or len({p["budget"] for p in points}) < 2:
+        raise ValueError("a loss-surface fit needs at least 5 points over at least 2 budgets")
+    M = torch.tensor([float(p["M"]) for p in points], dtype=torch.float64)
+    logM, logD = M.log(), (torch.tensor([float(p["budget"]) for p in points], dtype=torch.float64) / M).log()
+    logL = torch.tensor([float(p["loss"]) for p in points], dtype=torch.float64).log()
+    m0, d0 = logM.mean(), logD.mean()  # centred logs: A and B at the sweep's centre, a far better conditioned fit
+
+    def objective(x):  # x = (log E, log A at m0, log B at d0, alpha, beta)
+        pred = torch.logsumexp(torch.stack([x[0].expand_as(logM), x[1] - x[3] * (logM - m0),
+                                            x[2] - x[4] * (logD - d0)]), 0)
+        return torch.nn.functional.huber_loss(pred, logL, delta=1e-3, reduction="sum")
+
+    best = None
+    top = logL.max().item()
+    for start in itertools.product([top - 2.0, top - 0.5], [top - 2.0, top - 0.5], [top - 2.0, top - 0.5],
+                                   [0.2, 0.8], [0.2, 0.8]):
+        x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([x], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            value = objective(x)
+            value.backward()
+            return value
+
+        opt.step(closure)
+        with torch.no_grad():
+            value = objective(x).item()
+        if math.isfinite(value) and x[3] > 0 and x[4] > 0 and (best is None or value < best[0]):
+            best = (value, x.detach().clone())
+    if best is None:
+        raise ValueError("the loss-surface fit found no solution with positive exponents")
+    log_e, log_a, log_b, alpha, beta = best[1].tolist()
+    log_a, log_b = log_a + alpha * m0.item(), log_b + beta * d0.item()
+    surface = LossSurface(math.exp(log_e), math.exp(log_a), alpha, math.exp(log_b), beta, 0.0)
+    measured = np.array([p["loss"] for p in points])
+    fitted = surface([p["M"] for p in points], [p["budget"] / p["M"] for p in points])
+    surface.rms_rel_error = float(np.sqrt(np.mean((fitted / measured - 1) ** 2)))
+    return surface

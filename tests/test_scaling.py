@@ -120,6 +120,31 @@ def test_parabola_and_isoflop_fit_recover_known_optimum():
     assert scaling.fit_isoflop(points).skipped == [1e15]
 
 
+def test_loss_surface_fit_recovers_known_exponents_and_flags_a_wall():
+    """Chinchilla's approach 3 on points from a known L(M, D): exponents, M_opt(C) and the fit error come back."""
+    true = scaling.LossSurface(1.8, 400.0, 0.34, 2000.0, 0.28, 0.0)
+    points = [{"budget": C, "M": M, "loss": float(true(M, C / M))}
+              for C in (1e15, 1e16, 1e17) for M in np.geomspace(1e6, 1e9, 5)]
+    fit = scaling.fit_loss_surface(points)
+    assert (fit.alpha, fit.beta) == (pytest.approx(0.34, abs=1e-4), pytest.approx(0.28, abs=1e-4))
+    assert fit.m_exp == pytest.approx(0.28 / 0.62, abs=1e-4) and fit.identified and fit.rms_rel_error < 1e-6
+    assert fit.m_opt(1e16) == pytest.approx(true.m_opt(1e16), rel=1e-3)
+    # m_opt is the minimum of L along the IsoFLOP line
+    Ms = np.geomspace(1e5, 1e10, 20001)
+    assert true.m_opt(1e16) == pytest.approx(Ms[np.argmin(true(Ms, 1e16 / Ms))], rel=2e-3)
+    # The session-3 CPU sweep (dev/LOG.md): the best size is the smallest or next-smallest at every budget, so
+    # the M term becomes a wall (alpha runs away) and the fit says so.
+    sizes = (73728, 140544, 279552, 611328, 1276416)
+    sweep = {1e11: (sizes, (5.1936, 5.2769, 5.6690, 6.0458, 6.5751)),
+             3e11: (sizes, (4.8393, 4.7393, 5.1989, 5.4927, 5.8070)),
+             1e12: ((73728, 180864, 364032, 611328, 1276416), (4.4474, 4.4784, 4.7713, 5.0356, 5.1168))}
+    walls = [{"budget": C, "M": M, "loss": loss} for C, (Ms, losses) in sweep.items() for M, loss in zip(Ms, losses)]
+    wall = scaling.fit_loss_surface(walls)
+    assert not wall.identified and wall.alpha > wall.MAX_EXPONENT and wall.rms_rel_error < 0.03
+    with pytest.raises(ValueError, match="at least 5 points"):
+        scaling.fit_loss_surface(points[:4])
+
+
 def test_plan_cli_json(capsys):
     assert plan_stage.main(["--compute", "1e20", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -168,6 +193,7 @@ def test_scaling_stage_end_to_end_and_resume(tmp_path, capsys):
     assert r["compute"] == pytest.approx(r["budget"], rel=0.25) and math.isfinite(r["loss"])
     summary = json.loads((run / "scaling.json").read_text())
     assert len(summary["points"]) == 6 and summary["fit"]["paper"]["m_law"] == [0.1715, 0.5243]
+    assert {"alpha", "beta", "m_exp", "identified"} <= set(summary["surface"])
     assert (run / "plots" / "isoflop.png").stat().st_size > 0
     capsys.readouterr()
     mtimes = [p.stat().st_mtime for p in results]

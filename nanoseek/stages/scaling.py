@@ -120,7 +120,7 @@ def train_point(point: dict, run_dir: Path, tok, corpus, args) -> dict:
     return result
 
 
-def plot(fit: scaling.IsoFlopFit, results: list[dict], path: Path) -> None:
+def plot(fit: scaling.IsoFlopFit, results: list[dict], path: Path, surface: scaling.LossSurface | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,6 +154,9 @@ def plot(fit: scaling.IsoFlopFit, results: list[dict], path: Path) -> None:
             ax2.plot(cs, law[0] * cs ** law[1], "-", color=color, label=f"{label} fit: {law[0]:.3g} C^{law[1]:.3f}")
         ax2.plot(cs, paper[0] * cs ** paper[1], "--", color=color, alpha=0.6,
                  label=f"{label} paper: {paper[0]} C^{paper[1]}")
+    if surface:
+        ax2.plot(cs, [surface.m_opt(c) for c in cs], ":", color="C0",
+                 label=f"M_opt loss surface: C^{surface.m_exp:.3f}")
     # The best size tried at each budget, fitted or not: where the fits fail this is still the measurement.
     best = [min((r for r in results if r["budget"] == C), key=lambda r: r["loss"]) for C in budgets]
     ax2.plot(budgets, [r["M"] for r in best], "x", color="C0", markersize=9, label="M of the best size tried")
@@ -226,7 +229,21 @@ def main(argv=None) -> int:
         print(f"D_opt = {fit.d_law[0]:.4g} C^{fit.d_law[1]:.4f}   (paper: {scaling.D_COEF} C^{scaling.D_EXP})")
     else:
         print("scaling: fewer than two budgets with a minimum; no power laws")
-    (run_dir / "scaling.json").write_text(json.dumps({"points": results, "fit": fit.as_dict()}, indent=2) + "\n")
-    plot(fit, results, run_dir / "plots" / "isoflop.png")
+    surface = None
+    try:
+        surface = scaling.fit_loss_surface(results)
+    except ValueError as e:
+        print(f"loss surface: no fit ({e})")
+    if surface:
+        print(f"loss surface (Chinchilla's approach 3, all {len(results)} points): L = {surface.E:.3f} + "
+              f"{surface.A:.3g} / M^{surface.alpha:.3f} + {surface.B:.3g} / D^{surface.beta:.3f} "
+              f"(rms error {surface.rms_rel_error:.1%})")
+        print(f"  M_opt ~ C^{surface.m_exp:.4f}, D_opt ~ C^{surface.d_exp:.4f}   (paper: C^{scaling.M_EXP}, "
+              f"C^{scaling.D_EXP})" + ("" if surface.identified else
+                                       f"; an exponent exceeds {surface.MAX_EXPONENT:g}: that term is a wall, not a "
+                                       f"power law, so these only say M_opt does not move with C in this range"))
+    (run_dir / "scaling.json").write_text(json.dumps(
+        {"points": results, "fit": fit.as_dict(), "surface": surface.as_dict() if surface else None}, indent=2) + "\n")
+    plot(fit, results, run_dir / "plots" / "isoflop.png", surface)
     print(f"scaling: wrote {run_dir / 'scaling.json'} and {run_dir / 'plots' / 'isoflop.png'}")
     return 0
