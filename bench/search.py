@@ -20,20 +20,19 @@ those of a run with budget b), so problem i counts as solved at budget b when it
 numbers) and the paired counts (solved by one method only) are less noisy than the two curves. Wilson 95%
 intervals. Tokens generated are reported too: a resumed RMaxTS sample only writes the steps after its prefix.
 
-Recorded at smoke scale only (2 shared cores; the full run above was not made here). Model: `small` from random
-weights + 200 SFT steps on countdown (`nanoseek sft --preset small --tokenizer T --task countdown --difficulty 1
---steps 200`, loss 0.91, 21 min on one core); `python bench/search.py --model M --n 16 --budgets 8 16 32
---threads 1 --expert-iteration --ei-n 32 --ei-budget 16 --ei-steps 20 --ei-eval-samples 4` (3.5 min):
+Recorded (session 3, dev/LOG.md): the speedrun's countdown model (`nanoseek speedrun --task countdown --difficulty 1
+--run-dir runs_out/speedrun_countdown`, greedy accuracy 0.4%), `python bench/search.py --model
+runs_out/speedrun_countdown/grpo --out runs_out/search_bench --n 200 --budgets 8 16 32 64 128 --max-new-tokens 80
+--threads 1` (31 min on one core):
 
-    method      @8     @16    @32    tokens (16 problems x 32 samples)
-    rmaxts      0.000  0.000  0.000  20,122
-    best-of-n   0.000  0.000  0.000  27,505
-    expert iteration: 0/32 training problems solved, nothing to train on
+    method      @8     @16    @32    @64    @128   tokens
+    rmaxts      0.000  0.020  0.040  0.065  0.095    902,856
+    best-of-n   0.005  0.010  0.020  0.040  0.105  1,251,299
+    solved by one method only (rmaxts / best-of-n): @16 3/1, @32 6/2, @64 9/4, @128 9/11
 
-The model has the format (sampled format reward 0.88) but not the game: its steps use numbers it was not given
-and wrong sums, so neither search finds anything; RMaxTS spends 27% fewer tokens for its 512 samples (resumed
-samples start after their prefix). It shows the pipeline runs, not which search wins: that needs a model that
-solves some problems (e.g. more SFT steps, or the speedrun's pretrained model) and the full command above.
+RMaxTS solves about twice as many problems at budgets 16-64 with 28% fewer tokens; at 128 best-of-n catches up. The
+counts are small (the discordant pairs at 32, 6 vs 2, are not significant by a sign test), and budget 256 was not
+run (it would double the 31 minutes). Earlier smoke scale (a model that could not play at all): 0/16 for both.
 
 Writes OUT/search_bench.json, OUT/pass_at_budget.png and, with --expert-iteration, OUT/expert_iteration.json
 (plus OUT/ei/solutions.jsonl and the SFT run dir OUT/ei/sft).
