@@ -410,6 +410,9 @@ def test_distill_dense_student_with_logit_kd_and_cckd(tmp_path, init_dir, monkey
     assert "\n" in traces[0][2]["content"].split("</think>")[0].strip()  # the trace had reasoning lines
     assert shown[2]["content"] == f"<think>\n\n</think>\n<answer>{answer}</answer>"
     assert run_stage("distill", ["--run-dir", tmp_path / "bad", *argv[:-len(THREADS)], "--dense", *THREADS]) == 2
+    missing = [a if a != run / "traces.jsonl" else tmp_path / "nope.jsonl" for a in argv]
+    assert run_stage("distill", ["--run-dir", tmp_path / "bad2", *missing]) == 2
+    assert not (tmp_path / "bad2").exists()  # refused before the run dir is made
 
 
 # ------------------------------------------------------------------------------------------------ system prompt

@@ -85,6 +85,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         args.system_prompt = pt.resolve_system_prompt(args.system_prompt)
+        if args.traces and not args.traces.is_file():
+            raise pt.DataError(f"--traces {args.traces} does not exist")
         teacher, tok = pt.load_init(args.teacher, args.tokenizer)
         teacher.requires_grad_(False)
         train_task = tasks.make_task(args.task, "train", args.difficulty)
@@ -110,9 +112,6 @@ def main(argv=None) -> int:
         print(f"nanoseek distill: {e}", file=sys.stderr)
         return 2
     path = args.traces or args.run_dir / "traces.jsonl"
-    if args.traces and not path.is_file():
-        print(f"nanoseek distill: --traces {path} does not exist", file=sys.stderr)
-        return 2
     if not path.exists():
         problems = train_task.sample(pt.seed_of(args.seed, "distill-prompts"), args.prompts)
         rows = pt.rejection_sample(teacher, tok, problems, args.samples_per_prompt, seed=args.seed,
@@ -123,9 +122,13 @@ def main(argv=None) -> int:
                   f"{args.samples_per_prompt} samples; there is nothing to distill", file=sys.stderr)
             return 1
         pt.write_jsonl(path, rows)
-    traces = pt.read_chat_jsonl(path)
-    if args.no_traces:
-        traces = [answer_only(t) for t in traces]
+    try:
+        traces = pt.read_chat_jsonl(path)
+        if args.no_traces:
+            traces = [answer_only(t) for t in traces]
+    except pt.DataError as e:
+        print(f"nanoseek distill: {e}", file=sys.stderr)
+        return 2
     stream = pt.ExampleStream(traces, seed=args.seed, name=f"data:{pt.fingerprint(traces)}")
     batches = pt.PackedSFTBatches(stream, tok, args.batch_size, args.seq_len)
     kd = args.logit_kd_weight > 0 or args.cckd_weight > 0
