@@ -232,49 +232,47 @@ def first_bad_step(problem: Problem, steps: list[str]) -> int | None:
     countdown: every "expr = n" line must be true and use only numbers still available (given numbers and
     earlier results, each once); the step's result becomes available.
     """
+    return _walk_steps(problem, steps)[0]
+
+
+def step_state(problem: Problem, steps: list[str]) -> tuple:
+    """What the valid steps at the start of `steps` (those before first_bad_step) reach, as a hashable state: for
+    countdown the multiset of numbers still available, so two orders of the same combinations are one state; for
+    arithmetic the equations in order, whitespace normalised. Free-text lines reach nothing. RMaxTS rewards new
+    states, as Prover's tree rewards new tactic states, so rewording a line earns no intrinsic reward."""
+    return _walk_steps(problem, steps)[1]
+
+
+def _walk_steps(problem: Problem, steps: list[str]) -> tuple[int | None, tuple]:
+    """(first_bad_step, step_state): one walk over the steps, checking each and tracking what it reaches."""
     if problem.task not in STEP_TASKS:
         raise ValueError(f"no step checker for task {problem.task!r} (steps are checked for arithmetic and countdown)")
-    pool = Counter(problem.numbers)
+    countdown = problem.task == "countdown"
+    pool, equations = Counter(problem.numbers), []
+
+    def state() -> tuple:
+        return tuple(sorted(pool.elements())) if countdown else tuple(equations)
+
     for i, line in enumerate(steps):
         if "=" not in line:
             continue  # free text
         parsed = _parse_step(line)
         if parsed is None:
-            return i
+            return i, state()
         value, used, result, rest = parsed
         if value != result:
-            return i
-        if problem.task == "countdown":
-            if rest.strip(" ."):
-                return i
-            if Counter(used) - pool:
-                return i
-            pool = pool - Counter(used) + Counter([result])
-        elif rest.strip(" ."):
-            m = _CARRY.fullmatch(rest)
-            if not m or int(m["digit"]) != result % 10 or int(m["carry"]) != result // 10:
-                return i
-    return None
-
-
-def step_state(problem: Problem, steps: list[str]) -> tuple:
-    """What a chain of valid steps (first_bad_step is None) has reached, as a hashable state: for countdown the
-    multiset of numbers still available, so two orders of the same combinations are one state; for arithmetic the
-    equations in order, whitespace normalised. Free-text lines reach nothing. RMaxTS rewards new states, as
-    Prover's tree rewards new tactic states, so rewording a line earns no intrinsic reward."""
-    if problem.task not in STEP_TASKS:
-        raise ValueError(f"no step state for task {problem.task!r} (steps are checked for arithmetic and countdown)")
-    pool, equations = Counter(problem.numbers), []
-    for line in steps:
-        parsed = _parse_step(line) if "=" in line else None
-        if parsed is None:
-            continue
-        _, used, result, _ = parsed
-        if problem.task == "countdown":
+            return i, state()
+        if countdown:
+            if rest.strip(" .") or Counter(used) - pool:
+                return i, state()
             pool = pool - Counter(used) + Counter([result])
         else:
+            if rest.strip(" ."):
+                m = _CARRY.fullmatch(rest)
+                if not m or int(m["digit"]) != result % 10 or int(m["carry"]) != result // 10:
+                    return i, state()
             equations.append(" ".join(line.split()))
-    return tuple(sorted(pool.elements())) if problem.task == "countdown" else tuple(equations)
+    return None, state()
 
 
 # ----------------------------------------------------------------------------------------------------------------

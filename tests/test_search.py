@@ -123,7 +123,7 @@ def test_step_state_countdown_pool_and_arithmetic_equations():
     assert tasks.step_state(P, ["3 * 5 = 15", "15 + 7 = 22"]) == (22,)
     add = tasks.Problem("addition", "What is 17 + 25?", "42", numbers=(17, 25), target=42)
     assert tasks.step_state(add, ["Add the ones.", "7 + 5 = 12, write 2 carry 1"]) == ("7 + 5 = 12, write 2 carry 1",)
-    with pytest.raises(ValueError, match="no step state"):
+    with pytest.raises(ValueError, match="no step checker"):
         tasks.step_state(tasks.Problem("jsonl", "q", "a"), [])
 
 
