@@ -31,8 +31,9 @@ runs_out/speedrun_countdown/grpo --out runs_out/search_bench --n 200 --budgets 8
     solved by one method only (rmaxts / best-of-n): @16 3/1, @32 6/2, @64 9/4, @128 9/11
 
 RMaxTS solves about twice as many problems at budgets 16-64 with 28% fewer tokens; at 128 best-of-n catches up. The
-counts are small (the discordant pairs at 32, 6 vs 2, are not significant by a sign test), and budget 256 was not
-run (it would double the 31 minutes). Earlier smoke scale (a model that could not play at all): 0/16 for both.
+counts are small (the discordant pairs at 32, 6 vs 2, are not significant by a sign test). Budget 256, run as two
+`nanoseek eval --search M --budget 256 --n 200` processes (same problems and seeds; 8-128 reproduced exactly):
+RMaxTS 0.135, best-of-n 0.180, solved by one only 11 / 20 (p = 0.15), tokens 1.72M vs 2.36M.
 
 Writes OUT/search_bench.json, OUT/pass_at_budget.png and, with --expert-iteration, OUT/expert_iteration.json
 (plus OUT/ei/solutions.jsonl and the SFT run dir OUT/ei/sft).
