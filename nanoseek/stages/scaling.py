@@ -120,6 +120,12 @@ def train_point(point: dict, run_dir: Path, tok, corpus, args) -> dict:
     return result
 
 
+def best_per_budget(results: list[dict]) -> dict[float, dict]:
+    """{budget: its point with the lowest loss}, budgets ascending: the measurement, fitted or not."""
+    return {C: min((r for r in results if r["budget"] == C), key=lambda r: r["loss"])
+            for C in sorted({r["budget"] for r in results})}
+
+
 def plot(fit: scaling.IsoFlopFit, results: list[dict], path: Path, surface: scaling.LossSurface | None = None) -> None:
     import matplotlib
 
@@ -158,7 +164,7 @@ def plot(fit: scaling.IsoFlopFit, results: list[dict], path: Path, surface: scal
         ax2.plot(cs, [surface.m_opt(c) for c in cs], ":", color="C0",
                  label=f"M_opt loss surface: C^{surface.m_exp:.3f}")
     # The best size tried at each budget, fitted or not: where the fits fail this is still the measurement.
-    best = [min((r for r in results if r["budget"] == C), key=lambda r: r["loss"]) for C in budgets]
+    best = [best_per_budget(results)[C] for C in budgets]
     ax2.plot(budgets, [r["M"] for r in best], "x", color="C0", markersize=9, label="M of the best size tried")
     ax2.plot(budgets, [C / r["M"] for C, r in zip(budgets, best)], "x", color="C1", markersize=9,
              label="D of the best size tried")
@@ -217,10 +223,9 @@ def main(argv=None) -> int:
     for C in fit.skipped:
         print(f"  C {C:.2e}: no minimum inside the sizes tried (parabola opens down or vertex far outside); "
               f"left out of the power laws")
-    for C in sorted({r["budget"] for r in results}):
-        pts = sorted((r for r in results if r["budget"] == C), key=lambda r: r["M"])
-        best = min(pts, key=lambda r: r["loss"])
-        where = ("the smallest tried" if best is pts[0] else "the largest tried" if best is pts[-1]
+    for C, best in best_per_budget(results).items():
+        Ms = [r["M"] for r in results if r["budget"] == C]
+        where = ("the smallest tried" if best["M"] == min(Ms) else "the largest tried" if best["M"] == max(Ms)
                  else "inside the sizes tried")
         print(f"  C {C:.2e}: best size tried M {best['M']:.3g} (loss {best['loss']:.4f}, {where}); the paper's "
               f"M_opt {scaling.M_COEF * C ** scaling.M_EXP:.3g}")
