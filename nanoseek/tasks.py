@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import math
 import random
 import re
@@ -394,10 +395,69 @@ class MultiplicationTask(Task):
         return format_completion(lines, problem.answer)
 
 
+def _countdown_ops(a: int, b: int, max_target: int) -> list[tuple[bool, str, int]]:
+    """(swapped, op, result) for the operations on a and b that keep every value a positive integer and products
+    at most max_target (the generator's rules), in the canonical order: a + b, a - b or b - a, a * b, a / b,
+    b / a. swapped: the operation is b op a."""
+    out = [(False, "+", a + b)]
+    if a != b:
+        out.append((False, "-", a - b) if a > b else (True, "-", b - a))
+    if a * b <= max_target:
+        out.append((False, "*", a * b))
+    if b > 1 and a % b == 0:
+        out.append((False, "/", a // b))
+    if a > 1 and b % a == 0 and a != b:
+        out.append((True, "/", b // a))
+    return out
+
+
+def canonical_countdown(numbers, target: int, max_target: int = 999, max_nodes: int = 100_000):
+    """The canonical solution of a countdown problem as (steps, expression), or None if the search finds none
+    within max_nodes pools. Every number is used. Each step combines a pair of the pool and puts the result in
+    the left number's place; the sequences of pairs are tried in lexicographic order ((0, 1), (0, 1), ... first,
+    which is the left fold `((n0 op n1) op n2) ...` over the numbers in the given order), and for each sequence
+    the operations depth first in the order of _countdown_ops."""
+    budget = [max_nodes]
+
+    def search(pool, pairs):  # pool: list of (value, expression, precedence)
+        if not pairs:
+            return [] if pool[0][0] == target else None
+        budget[0] -= 1
+        if budget[0] < 0:
+            return None
+        i, j = pairs[0]
+        for swapped, op, c in _countdown_ops(pool[i][0], pool[j][0], max_target):
+            (a, ea, pa), (b, eb, pb) = (pool[j], pool[i]) if swapped else (pool[i], pool[j])
+            prec = 1 if op in "+-" else 2
+            # Minimal parentheses, as in the generator (exact rationals make a+(b-c) == a+b-c).
+            left = ea if pa >= prec else f"({ea})"
+            right = eb if pb > prec or (pb == prec and op in "+*") else f"({eb})"
+            expression = f"{left} {op} {right}"
+            found = search(pool[:i] + [(c, expression, prec)] + pool[i + 1 : j] + pool[j + 1 :], pairs[1:])
+            if found is not None:
+                return [(f"{a} {op} {b} = {c}", expression)] + found
+        return None
+
+    start = [(v, str(v), 3) for v in numbers]
+    for pairs in itertools.product(*[list(itertools.combinations(range(m), 2)) for m in range(len(numbers), 1, -1)]):
+        found = search(start, pairs)
+        if found is not None:
+            return tuple(step for step, _ in found), found[-1][1]
+        if budget[0] < 0:
+            return None
+    return None
+
+
 class CountdownTask(Task):
     """Countdown (as in TinyZero): `difficulty + 2` numbers from 1..max_value (20, 40, 80, then 100), a target
     in 1..999 built by combining all of them with random operations whose intermediate results are positive
-    integers (so every instance is solvable). Any expression using each number at most once is accepted."""
+    integers (so every instance is solvable). Any expression using each number at most once is accepted.
+
+    The worked solution is canonical, not the random construction: its first line restates the numbers in the
+    order given and the target, and its steps are the first solution (using every number) found by a
+    depth-first search that combines the leftmost pair first and puts the result in the left number's place,
+    so where one exists it is the left fold `((n0 op n1) op n2) ...` over the numbers in prompt order. A small
+    model copies numbers it can find by their order; from an arbitrary pair it did not learn to (dev/LOG.md)."""
 
     name = "countdown"
     max_target = 999
@@ -429,6 +489,9 @@ class CountdownTask(Task):
             target, expression = pool[0][0], pool[0][1]
             if 1 <= target <= self.max_target and target not in numbers:
                 break
+        found = canonical_countdown(numbers, target, self.max_target)
+        if found is not None:  # always, up to the search's node budget (then the construction is kept)
+            steps, expression = found
         prompt = (
             f"Using the numbers {numbers}, create an expression that equals {target}. You may use + - * / and "
             f"parentheses, and each number at most once. Give only the expression as the answer."
@@ -437,7 +500,8 @@ class CountdownTask(Task):
 
     @staticmethod
     def solution(problem):
-        lines = [f"Combine two numbers at a time until {problem.target} is reached."] + list(problem.steps)
+        numbers = ", ".join(map(str, problem.numbers))
+        lines = [f"Numbers [{numbers}], target {problem.target}."] + list(problem.steps)
         return format_completion(lines, problem.answer)
 
 

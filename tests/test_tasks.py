@@ -108,6 +108,48 @@ def test_problem_shapes_follow_difficulty():
             assert T.evaluate_expression(p.answer)[0] == p.target  # the constructing expression reaches it
 
 
+def _left_fold_values(numbers):
+    """Every value a left fold ((n0 op n1) op n2) ... reaches, by brute force over the generator's operations."""
+    values = {numbers[0]}
+    for n in numbers[1:]:
+        values = {r for a in values for r in (a + n, a - n, n - a, a * n, a / n, n / a)
+                  if r > 0 and r == int(r) and (r != a * n or r <= 999)}
+    return values
+
+
+def test_countdown_worked_solution_is_canonical_and_valid():
+    for d in (1, 2, 3):
+        for split in ("train", "eval"):
+            for p in CountdownTask(split, d).sample(d, 300):
+                sol = CountdownTask.solution(p)
+                lines = think_steps(sol)
+                # the first line restates the numbers in the given order and the target, as in the prompt
+                assert lines[0] == f"Numbers [{', '.join(map(str, p.numbers))}], target {p.target}.", sol
+                assert f"the numbers [{', '.join(map(str, p.numbers))}]" in p.prompt
+                steps = lines[1:]
+                assert tuple(steps) == p.steps and len(steps) == d + 1, sol  # every number used, one per step
+                assert first_bad_step(p, steps) is None and steps[-1].endswith(f"= {p.target}"), sol
+                value, used = T.evaluate_expression(p.answer)
+                assert value == p.target and sorted(used) == sorted(p.numbers) and CountdownTask.check(p, p, p.answer)
+                assert T.extract_answer(sol) == p.answer
+                # where the numbers in prompt order fold left to the target, the solution is that fold
+                if p.target in _left_fold_values(p.numbers):
+                    acc = p.numbers[0]
+                    for k, step in enumerate(steps):
+                        a, _, b, _, c = step.split()
+                        assert {int(a), int(b)} == {acc, p.numbers[k + 1]}, (p.numbers, p.target, steps)
+                        acc = int(c)
+
+
+def test_canonical_countdown_search_order():
+    assert T.canonical_countdown([3, 5, 7], 22) == (("3 * 5 = 15", "15 + 7 = 22"), "3 * 5 + 7")
+    assert T.canonical_countdown([5, 3, 7], 14) == (("5 - 3 = 2", "2 * 7 = 14"), "(5 - 3) * 7")
+    assert T.canonical_countdown([3, 12, 7], 11) == (("12 / 3 = 4", "4 + 7 = 11"), "12 / 3 + 7")  # b / a
+    # no left fold of 20, 2, 3 reaches 26, nor any start from (20, 3): the pair (2, 3) comes next
+    assert T.canonical_countdown([20, 2, 3], 26) == (("2 * 3 = 6", "20 + 6 = 26"), "20 + 2 * 3")
+    assert T.canonical_countdown([2, 3, 5], 999) is None
+
+
 def test_worked_solution_formats():
     add = AdditionTask.solution(Problem("addition", "", "1020", numbers=(955, 65), target=1020))
     assert "5 + 5 + 0 = 10, write 0 carry 1" in add and "9 + 0 + 1 = 10, write 0 carry 1" in add
