@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from nanoseek import ModelConfig, Transformer
 from nanoseek.config import ConfigError
 from nanoseek.hf import CheckpointFormatError, read_safetensors
-from nanoseek.model import Gate, LatentCache, MoE, update_expert_bias
+from nanoseek.model import (SEGMENT_PAD, Experts, Gate, LatentCache, MoE, causal_attention_blocked, pad_segments,
+                            update_expert_bias)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -200,6 +201,43 @@ def test_moe_matches_per_expert_loop():
             h = torch.nn.functional.silu(gu[:F_]) * gu[F_:]
             ref[t] += w[t, j] * (moe.experts.down_proj[e] @ h)
     assert torch.allclose(out.view(-1, config.hidden_size), ref, atol=1e-5)
+
+
+def test_pad_segments_hand_example():
+    # experts' segments [0,3) [3,3) [3,40) [40,41) padded to multiples of 32: [0,32) [32,32) [32,96) [96,128)
+    dest, ends = pad_segments(torch.tensor([3, 3, 40, 41], dtype=torch.int32), 41, 32)
+    assert ends.tolist() == [32, 32, 96, 128] and ends.dtype == torch.int32
+    assert dest.tolist() == [0, 1, 2] + list(range(32, 69)) + [96]
+
+
+def test_bf16_experts_pad_segments_and_match_unpadded(monkeypatch):
+    torch.manual_seed(0)
+    config = tiny(hidden_size=64, moe_intermediate_size=32)
+    experts = Experts(config)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1), torch.nn.init.normal_(experts.down_proj, std=0.1)
+    experts = experts.bfloat16()
+    A, E = 300, config.n_routed_experts
+    offsets = torch.bincount(torch.randint(0, E, (A,)), minlength=E).cumsum(0).to(torch.int32)
+    x = torch.randn(A, 64, dtype=torch.bfloat16, requires_grad=True)
+    seen = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: seen.append(offs.clone()) or real(a, b, offs=offs))
+    out = experts(x, offsets)
+    assert seen and all((o.diff(prepend=o.new_zeros(1)) % SEGMENT_PAD == 0).all() for o in seen)
+    ref = experts._ffn(x, offsets)
+    assert torch.allclose(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+    out.float().square().sum().backward()
+    g, experts.gate_up_proj.grad = experts.gate_up_proj.grad, None
+    ref.float().square().sum().backward()
+    assert torch.allclose(g.float(), experts.gate_up_proj.grad.float(), atol=1e-1, rtol=2e-2)
+
+
+@pytest.mark.parametrize("T, blocks", [(1, 2), (7, 2), (64, 2), (65, 4)])
+def test_causal_attention_blocked_matches_sdpa(T, blocks):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, T, 12), torch.randn(2, 3, T, 12), torch.randn(2, 3, T, 8)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert torch.allclose(causal_attention_blocked(q, k, v, 0.3, blocks), ref, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ training
