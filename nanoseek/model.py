@@ -107,12 +107,12 @@ class LatentCache:
         return (self.kv.shape[-1] + self.pe.shape[-1] + idx) * self.kv.element_size()
 
 
-def causal_attention_blocked(q_BHTK: Tensor, k_BHTK: Tensor, v_BHTO: Tensor, scale: float, blocks: int = 2) -> Tensor:
+def causal_attention_blocked(q_BHTK: Tensor, k_BHTK: Tensor, v_BHTO: Tensor, scale: float, blocks: int = 4) -> Tensor:
     """Causal attention as explicit matmuls with an fp32 softmax, the queries cut into `blocks` row blocks that
-    each score only the keys up to their own end: the score blocks above the diagonal are never computed (1/4 of
-    the work for 2 blocks). For torch.compile on CPU, where SDPA with v_head_dim != qk_head_dim falls back to its
-    math path over the full T x T scores; inductor fuses mask, scale and softmax here (bf16 training step 1.2-1.4x
-    faster per layer, dev/LOG.md). Equal to causal SDPA up to rounding."""
+    each score only the keys up to their own end: the score blocks above the diagonal are never computed (3/8 of
+    the work for 4 blocks). For torch.compile on CPU, where SDPA with v_head_dim != qk_head_dim falls back to its
+    math path over the full T x T scores; inductor fuses mask, scale and softmax here (the attention of a bf16
+    training step 4x faster, dev/LOG.md). Equal to causal SDPA up to rounding."""
     T = q_BHTK.shape[2]
     bounds = [T * i // blocks for i in range(blocks + 1)]
     outs = []

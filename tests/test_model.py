@@ -240,6 +240,24 @@ def test_causal_attention_blocked_matches_sdpa(T, blocks):
     assert torch.allclose(causal_attention_blocked(q, k, v, 0.3, blocks), ref, atol=1e-5)
 
 
+def test_compiled_training_loss_uses_blocked_attention_and_matches_eager(monkeypatch):
+    import nanoseek.model as model_mod
+
+    torch.manual_seed(0)
+    model = Transformer(tiny()).train()
+    ids = torch.randint(0, 128, (2, 24))
+    traced = []
+    real = model_mod.causal_attention_blocked
+    monkeypatch.setattr(model_mod, "causal_attention_blocked", lambda *a, **kw: traced.append(1) or real(*a, **kw))
+    eager = model(ids, targets=ids)
+    assert not traced  # eager keeps SDPA
+    torch._dynamo.reset()
+    # aot_eager: Dynamo and AOTAutograd trace the model as inductor would get it, without the C++ build (seconds)
+    compiled = torch.compile(model, backend="aot_eager")(ids, targets=ids)
+    assert traced  # the compiled CPU graph takes the blocked path
+    assert abs(compiled.item() - eager.item()) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ training
 def test_every_parameter_gets_gradient_and_bias_none():
     torch.manual_seed(0)
