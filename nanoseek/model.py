@@ -376,6 +376,9 @@ class Gate(nn.Module):
         return weights_Mk * self.scaling, idx_Mk, scores_ME
 
 
+SEGMENT_PAD, SEGMENT_PAD_MIN_ROWS = 32, 64  # bf16 on CPU: segments padded to a multiple of 32 rows, past 64 rows
+
+
 class Experts(nn.Module):
     """The routed experts as stacked tensors in the HF orientation (gate and up fused), run with grouped matmul
     over assignments sorted by expert: no Python loop over experts and no host sync."""
@@ -401,8 +404,6 @@ class Experts(nn.Module):
         gate_AF, up_AF = grouped_mm(x_AD, self.gate_up_proj.transpose(1, 2), offsets_E).chunk(2, dim=-1)
         return grouped_mm(F.silu(gate_AF) * up_AF, self.down_proj.transpose(1, 2), offsets_E)
 
-
-SEGMENT_PAD, SEGMENT_PAD_MIN_ROWS = 32, 64
 
 
 def pad_segments(offsets_E: Tensor, rows: int, multiple: int) -> tuple[Tensor, Tensor]:

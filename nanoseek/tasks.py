@@ -395,6 +395,16 @@ class MultiplicationTask(Task):
         return format_completion(lines, problem.answer)
 
 
+def _join_expression(ea: str, pa: int, op: str, eb: str, pb: int) -> tuple[str, int]:
+    """`ea op eb` with minimal parentheses and its precedence (3 atom, 2 for * /, 1 for + -); exact rational
+    arithmetic makes a+(b-c) == a+b-c and a*(b/c) == a*b/c, so only a lower precedence, or an equal one on the
+    right of - or /, needs them."""
+    prec = 1 if op in "+-" else 2
+    left = ea if pa >= prec else f"({ea})"
+    right = eb if pb > prec or (pb == prec and op in "+*") else f"({eb})"
+    return f"{left} {op} {right}", prec
+
+
 def _countdown_ops(a: int, b: int, max_target: int) -> list[tuple[bool, str, int]]:
     """(swapped, op, result) for the operations on a and b that keep every value a positive integer and products
     at most max_target (the generator's rules), in the canonical order: a + b, a - b or b - a, a * b, a / b,
@@ -428,11 +438,7 @@ def canonical_countdown(numbers, target: int, max_target: int = 999, max_nodes: 
         i, j = pairs[0]
         for swapped, op, c in _countdown_ops(pool[i][0], pool[j][0], max_target):
             (a, ea, pa), (b, eb, pb) = (pool[j], pool[i]) if swapped else (pool[i], pool[j])
-            prec = 1 if op in "+-" else 2
-            # Minimal parentheses, as in the generator (exact rationals make a+(b-c) == a+b-c).
-            left = ea if pa >= prec else f"({ea})"
-            right = eb if pb > prec or (pb == prec and op in "+*") else f"({eb})"
-            expression = f"{left} {op} {right}"
+            expression, prec = _join_expression(ea, pa, op, eb, pb)
             found = search(pool[:i] + [(c, expression, prec)] + pool[i + 1 : j] + pool[j + 1 :], pairs[1:])
             if found is not None:
                 return [(f"{a} {op} {b} = {c}", expression)] + found
@@ -480,12 +486,8 @@ class CountdownTask(Task):
                     ops.append("/")
                 op = rng.choice(ops)
                 c = {"+": a + b, "-": a - b, "*": a * b, "/": a // max(b, 1)}[op]
-                prec = 1 if op in "+-" else 2
-                # Minimal parentheses; exact rational arithmetic makes a+(b-c) == a+b-c and a*(b/c) == a*b/c.
-                left = ea if pa >= prec else f"({ea})"
-                right = eb if pb > prec or (pb == prec and op in "+*") else f"({eb})"
                 steps.append(f"{a} {op} {b} = {c}")
-                pool = [p for k, p in enumerate(pool) if k not in (i, j)] + [(c, f"{left} {op} {right}", prec)]
+                pool = [p for k, p in enumerate(pool) if k not in (i, j)] + [(c, *_join_expression(ea, pa, op, eb, pb))]
             target, expression = pool[0][0], pool[0][1]
             if 1 <= target <= self.max_target and target not in numbers:
                 break
