@@ -10,7 +10,7 @@ sits at position L+k. The newest generated token (`last`) is not in the cache ye
               padding's latents land in slots that only queries at later positions could see, and those slots
               are rewritten (at their own position) before any such query runs.
     decode    `last` of every active row at its position, absorbed MLA over the cache (`prefill=False`); with
-              `compile=True` this forward runs under torch.compile (~3x faster at batch 1 on CPU).
+              `compile=True` this forward runs under torch.compile (~5x faster at batch 1 on CPU).
     speculate [last, draft] at [pos, pos+1] in one absorbed forward; the MTP module proposed the draft
               (DeepSeek-V3 sec. 2.2 and 5.4.3). A rejected draft's latents stay in slot pos+1 and are rewritten
               by the next step before any query at a position >= pos+1 reads them.
@@ -422,7 +422,7 @@ class Engine:
                              "sparse attention (index_topk set) without it")
         # Compiled code is cached per function (up to torch._dynamo's recompile limit), not per engine: engines on
         # models of one config share it.
-        fn = torch.compile(decode_logits, dynamic=False, options={"cpp_wrapper": True})
+        fn = torch.compile(decode_logits, dynamic=False, options=decode_compile_options(self.config.vocab_size))
 
         def compiled(ids_N1, pos_N1, kv, pe, idx=None):
             torch._dynamo.mark_dynamic(kv, 2)
@@ -437,7 +437,14 @@ class Engine:
             for n in sorted({1, min(2, self.max_batch)}):
                 compiled(self.last[:n, None], self.pos[:n, None], self.cache.kv[:, :n, :2], self.cache.pe[:, :n, :2])
         self.compile_s = time.perf_counter() - t0
-        return compiled
+
+        def warmed(*args):
+            # Both graphs exist now and decode inputs vary only along their dynamic dimensions, so Dynamo need only
+            # tell the two apart, not re-check every parameter's guards: 0.48 -> 0.13 ms a step (dev/LOG.md).
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return compiled(*args)
+
+        return warmed
 
     def _compact(self) -> None:
         """Keep active rows at 0..N-1: move the last live rows into the holes finished ones left."""
@@ -593,6 +600,20 @@ class Engine:
             self.stats.generated += len(r.output) - before
         self.stats.drafted += n
         self.stats.accepted += int(sum(o[2] for o in out)) - n
+
+
+def decode_compile_options(vocab_size: int) -> dict:
+    """Inductor options of the compiled decode step: the C++ wrapper (no Python between kernels) and inductor's
+    memory-bound-mm pass, which on CPU turns a product with one row, x [1, K] @ W [K, N], into a fused
+    multiply-and-sum kernel that streams W once, in place of a library GEMV call per weight. A batch-1 decode step
+    is ~48 such products, memory-bound (dev/LOG.md: 5.3 -> 3.2 ms a step at context 2,048). The pass reads its
+    size limit (N <= 2,048 on CPU) when it is first imported; it is raised here to cover the LM head."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_
+
+    limit = max(vocab_size, pass_.CPU_MAX_OTHER_DIMENSION_DECOMPOSITION)
+    pass_.cpu_max_other_dimension_decomposition = max(pass_.cpu_max_other_dimension_decomposition, limit)
+    return {"cpp_wrapper": True,
+            "post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": limit}}}
 
 
 def decode_logits(model: Transformer, ids_N1: Tensor, pos_N1: Tensor, kv: Tensor, pe: Tensor,

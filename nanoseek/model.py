@@ -107,6 +107,13 @@ class LatentCache:
         return (self.kv.shape[-1] + self.pe.shape[-1] + idx) * self.kv.element_size()
 
 
+def _row_matmul(a_BMK: Tensor, b_BKN: Tensor) -> Tensor:
+    """a @ b per batch row; at batch 1 a plain mm (see MLA._attend_absorbed)."""
+    if a_BMK.shape[0] == 1:
+        return (a_BMK[0] @ b_BKN[0]).unsqueeze(0)
+    return a_BMK @ b_BKN
+
+
 def causal_attention_blocked(q_BHTK: Tensor, k_BHTK: Tensor, v_BHTO: Tensor, scale: float, blocks: int = 4) -> Tensor:
     """Causal attention as explicit matmuls with an fp32 softmax, the queries cut into `blocks` row blocks that
     each score only the keys up to their own end: the score blocks above the diagonal are never computed (3/8 of
@@ -277,13 +284,17 @@ class MLA(nn.Module):
             kv_cache, pe_cache = kv_cache[rows_B], pe_cache[rows_B]
         S = kv_cache.shape[1]
         kv_BSC, pe_BSR = kv_cache.to(q_nope.dtype), pe_cache.to(q_nope.dtype)
-        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
-        scores_BHTS = (torch.einsum("bthc,bsc->bhts", q_lat_BTHC, kv_BSC)
-                       + torch.einsum("bthr,bsr->bhts", q_pe, pe_BSR)).float() * self.scale
-        visible = torch.arange(S, device=q_nope.device) <= positions_BT[:, None, :, None]
-        probs = scores_BHTS.masked_fill(~visible, float("-inf")).softmax(-1).to(q_nope.dtype)
-        out_lat_BTHC = torch.einsum("bhts,bsc->bthc", probs, kv_BSC)
-        return torch.einsum("bthc,hoc->btho", out_lat_BTHC, w_uv)
+        B, T, H, _ = q_nope.shape
+        # The T x H queries of a row as the rows of one matrix product against that row's cache: an mm at batch 1,
+        # which torch.compile keeps as a library GEMM (a batch-1 bmm its CPU decode pass turns into a slow
+        # reduction over the span, 0.6 ms a layer at 2,048 in bf16; dev/LOG.md).
+        q_lat_BMC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk).reshape(B, T * H, self.kv_rank)
+        scores_BMS = (_row_matmul(q_lat_BMC, kv_BSC.transpose(1, 2))
+                      + _row_matmul(q_pe.reshape(B, T * H, self.rope), pe_BSR.transpose(1, 2))).float() * self.scale
+        visible_BT1S = torch.arange(S, device=q_nope.device) <= positions_BT[:, :, None, None]
+        probs_BTHS = scores_BMS.view(B, T, H, S).masked_fill(~visible_BT1S, float("-inf")).softmax(-1)
+        out_lat_BMC = _row_matmul(probs_BTHS.to(q_nope.dtype).view(B, T * H, S), kv_BSC)
+        return torch.einsum("bthc,hoc->btho", out_lat_BMC.view(B, T, H, self.kv_rank), w_uv)
 
     def _attend_gathered(self, q_lat_BTHC, q_pe, cache, rows_B, idx_BTk, valid_BTk, w_uv) -> Tensor:
         """Sparse absorbed attention: gather each query's k' selected latents and attend over them alone, so the
@@ -426,10 +437,13 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     if x_AI.is_cuda and torch.cuda.get_device_capability(x_AI.device)[0] < 9:
         bounds = [0] + offsets_E.tolist()
         return torch.cat([x_AI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
-    if x_AI.dtype != torch.bfloat16 and torch.compiler.is_compiling():  # its compile-time shape rule knows only bf16
-        if x_AI.shape[0] <= 64:  # decode: a few rows, no graph break
+    if torch.compiler.is_compiling():
+        if x_AI.shape[0] <= 64 and x_AI.device.type == "cpu":
+            # Decode: a few rows, no graph break. Also in bf16, where inductor's CPU lowering of _grouped_mm runs one
+            # matmul per expert, empty ones included (a bf16 decode step 2-3x slower, dev/LOG.md).
             return _rowwise_mm(x_AI, w_EIO, offsets_E)
-        return _grouped_mm_eager(x_AI, w_EIO, offsets_E)
+        if x_AI.dtype != torch.bfloat16:  # its compile-time shape rule knows only bf16
+            return _grouped_mm_eager(x_AI, w_EIO, offsets_E)
     return torch._grouped_mm(x_AI, w_EIO.to(x_AI.dtype), offs=offsets_E)
 
 

@@ -147,6 +147,33 @@ def test_compiled_decode_gives_the_same_greedy_tokens(model):
     assert out == [r.output for r in Engine(model, max_batch=2, max_len=64).generate(prompts, GREEDY)]
     assert out == [naive_greedy(model, p, 12) for p in prompts]
     assert engine.compile_s > 0
+    # A second compiled engine in the process, on a model of another config: its steps skip Dynamo's full guard
+    # check, and must still run its own graphs, not the first model's.
+    torch.manual_seed(1)
+    other = Transformer(ModelConfig.from_name("tiny", vocab_size=256, max_position_embeddings=128,
+                                              num_hidden_layers=1)).eval()
+    got = [r.output for r in Engine(other, max_batch=2, max_len=64, compile=True).generate(prompts, GREEDY)]
+    assert got == [naive_greedy(other, p, 12) for p in prompts]
+    assert [r.output for r in engine.generate(prompts, GREEDY)] == out
+
+
+def test_decode_compile_options_turn_one_row_products_into_fused_kernels():
+    # The compiled decode step's GEMVs (one row times a weight, the LM head's 8,192 columns included) become
+    # inductor multiply-and-sum kernels; products with more rows stay library GEMMs. Same values either way.
+    from torch._dynamo.utils import counters
+
+    from nanoseek.engine import decode_compile_options
+
+    torch._dynamo.reset()
+    counters.clear()
+    fn = torch.compile(lambda x, w: x @ w.t(), dynamic=False, options=decode_compile_options(8192))
+    w = torch.randn(8192, 64)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        for rows in (1, 3):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(fn(x, w), x @ w.t(), rtol=1e-4, atol=1e-4)
+            assert counters["inductor"]["decompose_mm"] == 1  # the 1-row graph only
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------ speculation
