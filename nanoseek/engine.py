@@ -612,6 +612,7 @@ def decode_compile_options(vocab_size: int) -> dict:
 
     limit = max(vocab_size, pass_.CPU_MAX_OTHER_DIMENSION_DECOMPOSITION)
     pass_.cpu_max_other_dimension_decomposition = max(pass_.cpu_max_other_dimension_decomposition, limit)
+    # The pass reads the module global above; the limit in the options only puts it into inductor's cache key.
     return {"cpp_wrapper": True,
             "post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": limit}}}
 

@@ -416,7 +416,6 @@ class Experts(nn.Module):
         return grouped_mm(F.silu(gate_AF) * up_AF, self.down_proj.transpose(1, 2), offsets_E)
 
 
-
 def pad_segments(offsets_E: Tensor, rows: int, multiple: int) -> tuple[Tensor, Tensor]:
     """Expert segments [offsets[e-1], offsets[e]) of `rows` sorted rows, each padded to a multiple of `multiple`:
     the padded position of every row and the padded end offsets. Rows past the last padded offset belong to no
@@ -438,9 +437,9 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
         bounds = [0] + offsets_E.tolist()
         return torch.cat([x_AI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
     if torch.compiler.is_compiling():
-        if x_AI.shape[0] <= 64 and x_AI.device.type == "cpu":
-            # Decode: a few rows, no graph break. Also in bf16, where inductor's CPU lowering of _grouped_mm runs one
-            # matmul per expert, empty ones included (a bf16 decode step 2-3x slower, dev/LOG.md).
+        if x_AI.shape[0] <= 64 and (x_AI.dtype != torch.bfloat16 or x_AI.device.type == "cpu"):
+            # Decode: a few rows, no graph break. On CPU also in bf16, where inductor's lowering of _grouped_mm runs
+            # one matmul per expert, empty ones included (a bf16 decode step 2-3x slower, dev/LOG.md).
             return _rowwise_mm(x_AI, w_EIO, offsets_E)
         if x_AI.dtype != torch.bfloat16:  # its compile-time shape rule knows only bf16
             return _grouped_mm_eager(x_AI, w_EIO, offsets_E)
