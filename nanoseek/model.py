@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import ModelConfig, yarn_mscale
 from .dsa import Indexer, index_scores, indexer_kl, select_topk, take_indexer_loss, topk_mask
 
@@ -86,6 +87,8 @@ class LatentCache:
     kv: Tensor  # [L, B, S, C]
     pe: Tensor  # [L, B, S, R]
     idx: Tensor | None = None  # [L, B, S, I] indexer keys, DSA only
+    # Dense absorbed decode through nanoseek.kernels' fused CPU kernel (fp32 only; the caller has loaded it).
+    fused: bool = False
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch: int, max_len: int, *, dtype=torch.float32, device="cpu",
@@ -289,6 +292,11 @@ class MLA(nn.Module):
         # which torch.compile keeps as a library GEMM (a batch-1 bmm its CPU decode pass turns into a slow
         # reduction over the span, 0.6 ms a layer at 2,048 in bf16; dev/LOG.md).
         q_lat_BMC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk).reshape(B, T * H, self.kv_rank)
+        if cache.fused and kv_BSC.dtype == q_lat_BMC.dtype == torch.float32 and kv_BSC.device.type == "cpu":
+            limit_BM = positions_BT[:, :, None].expand(B, T, H).reshape(B, T * H)
+            out_lat_BMC = kernels.latent_decode_attention(q_lat_BMC, q_pe.reshape(B, T * H, self.rope), kv_BSC,
+                                                          pe_BSR, limit_BM, self.scale)
+            return torch.einsum("bthc,hoc->btho", out_lat_BMC.view(B, T, H, self.kv_rank), w_uv)
         scores_BMS = (_row_matmul(q_lat_BMC, kv_BSC.transpose(1, 2))
                       + _row_matmul(q_pe.reshape(B, T * H, self.rope), pe_BSR.transpose(1, 2))).float() * self.scale
         visible_BT1S = torch.arange(S, device=q_nope.device) <= positions_BT[:, :, None, None]

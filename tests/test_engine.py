@@ -146,7 +146,7 @@ def test_compiled_decode_gives_the_same_greedy_tokens(model):
     out = [r.output for r in engine.generate(prompts, GREEDY)]
     assert out == [r.output for r in Engine(model, max_batch=2, max_len=64).generate(prompts, GREEDY)]
     assert out == [naive_greedy(model, p, 12) for p in prompts]
-    assert engine.compile_s > 0
+    assert engine.compile_s > 0 and engine.fused_attention  # fp32 on CPU: attention in the fused kernel
     # A second compiled engine in the process, on a model of another config: its steps skip Dynamo's full guard
     # check, and must still run its own graphs, not the first model's.
     torch.manual_seed(1)

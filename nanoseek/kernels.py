@@ -1,0 +1,249 @@
+"""Optional fast CPU kernels, compiled on first use with torch's C++ extension loader (the compiler inductor needs
+anyway) and kept behind the pure-PyTorch path, which stays the reference and is always tested against them.
+
+`latent_decode_attention`: absorbed-MLA decode attention over the latent cache in one pass (flash-decoding on a
+CPU core). The PyTorch path is three library matrix products per layer (scores against c_KV, scores against k_pe,
+probabilities times c_KV) with a softmax between them: at batch 1 those are 8-row products that read the cache
+twice, the first time cold (the step's 25 MB of weights have pushed it out of cache), and at a 2,048-token context
+they took ~190 us a layer of a ~3.6 ms compiled step. This kernel walks the cache once in blocks of 32 slots:
+scores for every query of the row, an online softmax, and the weighted sum into the output while the block is in
+L1 (dev/LOG.md, session 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cfloat>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Eight fp32 lanes (GCC / clang vector extensions: AVX2 registers, or SSE pairs, whatever -march gives). The lanes
+// are eight queries of one cache row: scores, running max, softmax sums and output accumulators are all per query,
+// so nothing in the kernel ever reduces across a vector.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+constexpr int64_t kBlock = 32;  // cache slots per block
+constexpr int kKeys = 8;        // slots scored at once: eight independent FMA chains
+
+inline vf8 splat(float x) { return vf8{} + x; }
+
+// e^x for x <= 0 (a score minus its running max): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to
+// r^6 (relative error < 2e-7), 2^n through the exponent bits. Below -87 it gives ~1e-38 instead of 0: against the
+// max's own term of 1, nothing.
+inline vf8 exp_nonpos(vf8 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const vi8 ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi8);  // round half away, x <= 0
+  const vf8 n = __builtin_convertvector(ni, vf8);
+  const vf8 r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  vf8 p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi8 bits = (ni + 127) << 23;
+  vf8 two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+// One group of up to eight queries of one row against that row's cache, one pass over slots 0..last.
+// qT [C][8] and qpT [R][8]: the queries transposed, lane = query; lim [8]: each lane's last visible slot (-1 for
+// padding lanes). accT [C][8] receives softmax(scores) . kv, den [8] the softmax denominators.
+void attend_group(const vf8* qT, const vf8* qpT, const vf8& lim, const float* kv, int64_t kv_s, const float* pe,
+                  int64_t pe_s, int64_t C, int64_t R, int64_t last, float scale, vf8* accT, vf8& den) {
+  vf8 run_max = splat(-FLT_MAX);
+  den = vf8{};
+  for (int64_t c = 0; c < C; ++c) accT[c] = vf8{};
+  vf8 e[kBlock];
+  for (int64_t s0 = 0; s0 <= last; s0 += kBlock) {
+    const int64_t n = std::min(kBlock, last + 1 - s0);
+    // scores, kKeys slots at a time: s[k] += kv[slot k][c] (broadcast) * q[c] (eight queries)
+    for (int64_t j = 0; j < n; j += kKeys) {
+      const int64_t w = std::min<int64_t>(kKeys, n - j);
+      const float* kr[kKeys];
+      const float* pr[kKeys];
+      for (int k = 0; k < kKeys; ++k) {
+        const int64_t slot = s0 + j + std::min<int64_t>(k, w - 1);  // past the end: repeat the last slot
+        kr[k] = kv + slot * kv_s;
+        pr[k] = pe + slot * pe_s;
+      }
+      vf8 s[kKeys] = {};
+      for (int64_t c = 0; c < C; ++c) {
+        const vf8 q = qT[c];
+        for (int k = 0; k < kKeys; ++k) s[k] += kr[k][c] * q;
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const vf8 q = qpT[r];
+        for (int k = 0; k < kKeys; ++k) s[k] += pr[k][r] * q;
+      }
+      for (int k = 0; k < kKeys; ++k) e[j + k] = s[k] * scale;  // j + k < kBlock; slots past n unused
+    }
+    // online softmax: mask, block max, rescale what came before
+    vf8 block_max = splat(-FLT_MAX);
+    for (int64_t j = 0; j < n; ++j) {
+      const vf8 visible_score = (splat(static_cast<float>(s0 + j)) <= lim) ? e[j] : splat(-FLT_MAX);
+      e[j] = visible_score;
+      block_max = block_max > visible_score ? block_max : visible_score;
+    }
+    const vf8 new_max = run_max > block_max ? run_max : block_max;
+    const vf8 correction = exp_nonpos(run_max - new_max);
+    run_max = new_max;
+    vf8 sum = vf8{};
+    for (int64_t j = 0; j < n; ++j) {
+      const vf8 p = (splat(static_cast<float>(s0 + j)) <= lim) ? exp_nonpos(e[j] - new_max) : vf8{};
+      e[j] = p;
+      sum += p;
+    }
+    den = den * correction + sum;
+    // accT[c] = accT[c] * correction + sum_j p_j * kv[slot j][c], eight c at a time in registers
+    int64_t c0 = 0;
+    for (; c0 + 8 <= C; c0 += 8) {
+      vf8 a[8];
+      for (int i = 0; i < 8; ++i) a[i] = accT[c0 + i] * correction;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* k = kv + (s0 + j) * kv_s + c0;
+        const vf8 p = e[j];
+        for (int i = 0; i < 8; ++i) a[i] += k[i] * p;
+      }
+      for (int i = 0; i < 8; ++i) accT[c0 + i] = a[i];
+    }
+    for (int64_t c = c0; c < C; ++c) {
+      vf8 a = accT[c] * correction;
+      for (int64_t j = 0; j < n; ++j) a += kv[(s0 + j) * kv_s + c] * e[j];
+      accT[c] = a;
+    }
+  }
+}
+
+// q_lat [B, M, C], q_pe [B, M, R]: the M = T x H absorbed queries of each row; kv [B, S, C], pe [B, S, R]: the
+// row's cache (any row and slot strides); limit [B, M]: the last slot query m sees (slots 0..limit visible).
+// Returns softmax(scale * (q_lat kv^T + q_pe pe^T)) kv, [B, M, C], in fp32.
+at::Tensor latent_decode_attention(const at::Tensor& q_lat, const at::Tensor& q_pe, const at::Tensor& kv,
+                                   const at::Tensor& pe, const at::Tensor& limit, double scale) {
+  TORCH_CHECK(q_lat.dim() == 3 && q_pe.dim() == 3 && kv.dim() == 3 && pe.dim() == 3 && limit.dim() == 2,
+              "latent_decode_attention: expected q_lat [B, M, C], q_pe [B, M, R], kv [B, S, C], pe [B, S, R], "
+              "limit [B, M]");
+  for (const at::Tensor* t : {&q_lat, &q_pe, &kv, &pe}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "latent_decode_attention: float32 CPU tensors only, got ", t->scalar_type(), " on ", t->device());
+  }
+  const int64_t B = q_lat.size(0), M = q_lat.size(1), C = q_lat.size(2), R = q_pe.size(2), S = kv.size(1);
+  TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == M && kv.size(0) == B && kv.size(2) == C && pe.size(0) == B &&
+              pe.size(1) == S && pe.size(2) == R && limit.size(0) == B && limit.size(1) == M,
+              "latent_decode_attention: inconsistent shapes");
+  TORCH_CHECK(kv.stride(2) == 1 && pe.stride(2) == 1,
+              "latent_decode_attention: the cache's last dimension must be contiguous");
+  const at::Tensor q = q_lat.contiguous(), qp = q_pe.contiguous(), lim = limit.to(at::kLong).contiguous();
+  at::Tensor out = at::empty({B, M, C}, q.options());
+  const float* q_ptr = q.data_ptr<float>();
+  const float* qp_ptr = qp.data_ptr<float>();
+  const float* kv_ptr = kv.data_ptr<float>();
+  const float* pe_ptr = pe.data_ptr<float>();
+  const int64_t* lim_ptr = lim.data_ptr<int64_t>();
+  float* out_ptr = out.data_ptr<float>();
+  const int64_t kv_b = kv.stride(0), kv_s = kv.stride(1), pe_b = pe.stride(0), pe_s = pe.stride(1);
+  const int64_t groups = (M + kLanes - 1) / kLanes;
+
+  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<vf8> qT(C), qpT(R), accT(C);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / groups, m0 = (item % groups) * kLanes;
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, M - m0));
+      vf8 lim_v = splat(-1.0f);
+      int64_t last = -1;
+      for (int l = 0; l < lanes; ++l) {
+        const int64_t lm = std::min(lim_ptr[b * M + m0 + l], S - 1);
+        lim_v[l] = static_cast<float>(lm);  // exact: slots < 2^24
+        last = std::max(last, lm);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        vf8 v = vf8{};
+        for (int l = 0; l < lanes; ++l) v[l] = q_ptr[(b * M + m0 + l) * C + c];
+        qT[c] = v;
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        vf8 v = vf8{};
+        for (int l = 0; l < lanes; ++l) v[l] = qp_ptr[(b * M + m0 + l) * R + r];
+        qpT[r] = v;
+      }
+      vf8 den;
+      attend_group(qT.data(), qpT.data(), lim_v, kv_ptr + b * kv_b, kv_s, pe_ptr + b * pe_b, pe_s, C, R, last,
+                   static_cast<float>(scale), accT.data(), den);
+      for (int l = 0; l < lanes; ++l) {
+        const float inv = 1.0f / den[l];  // no visible slot: 0 * inf, NaN, as a softmax over all -inf gives
+        float* o = out_ptr + (b * M + m0 + l) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = accT[c][l] * inv;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nanoseek, m) {
+  m.def("latent_decode_attention(Tensor q_lat, Tensor q_pe, Tensor kv, Tensor pe, Tensor limit, float scale) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
+  m.impl("latent_decode_attention", &latent_decode_attention);
+}
+"""
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet
+
+
+def load() -> bool:
+    """Build (first time on a machine, ~30-60 s; cached under torch's extension dir after) and load the kernels;
+    False, with a warning, where that fails (no C++ compiler), in which case callers keep the PyTorch path. Set
+    NANOSEEK_KERNELS=0 to never try."""
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        if os.environ.get("NANOSEEK_KERNELS", "1") == "0":
+            _loaded = False
+            return False
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            log.info("building nanoseek's CPU kernels (once per machine)")
+            load_inline(name="nanoseek_cpu_kernels", cpp_sources=[_SOURCE], is_python_module=False,
+                        extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+        except Exception as e:  # noqa: BLE001 - any build failure means: no kernel, PyTorch path
+            log.warning("nanoseek's CPU kernels did not build (%s: %s); using the PyTorch path",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            _loaded = False
+            return False
+
+        @torch.library.register_fake("nanoseek::latent_decode_attention")
+        def _(q_lat, q_pe, kv, pe, limit, scale):
+            return q_lat.new_empty(q_lat.shape)
+
+        _loaded = True
+        return True
+
+
+def latent_decode_attention(q_lat_BMC, q_pe_BMR, kv_BSC, pe_BSR, limit_BM, scale: float):
+    """The fused absorbed attention (module docstring); `load()` must have returned True."""
+    return torch.ops.nanoseek.latent_decode_attention(q_lat_BMC, q_pe_BMR, kv_BSC, pe_BSR, limit_BM, scale)

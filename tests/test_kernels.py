@@ -1,0 +1,88 @@
+"""The fused CPU decode-attention kernel (nanoseek.kernels) against the PyTorch path it replaces: the kernel alone on
+odd shapes, then inside the model's absorbed decode and the compiled engine."""
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer, kernels
+from nanoseek.model import LatentCache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    # First build on a machine compiles C++ (~30 s), later runs load the cached library.
+    assert kernels.load(), "the CPU kernels must build wherever inductor's C++ compiler works"
+
+
+def reference(q_lat, q_pe, kv, pe, limit, scale):
+    """The PyTorch path of MLA._attend_absorbed: scores, visibility mask, fp32 softmax, weighted latents."""
+    scores = (q_lat @ kv.transpose(1, 2) + q_pe @ pe.transpose(1, 2)) * scale
+    visible = torch.arange(kv.shape[1]) <= limit[:, :, None]
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ kv
+
+
+@pytest.mark.parametrize("B,M,C,R,S", [(1, 8, 64, 16, 2048), (3, 6, 12, 4, 45), (2, 19, 40, 8, 300), (1, 1, 8, 2, 1)])
+def test_kernel_equals_the_pytorch_path(B, M, C, R, S):
+    # Query counts that are not a multiple of the 8 lanes, latent widths not a multiple of 8, spans that are not a
+    # multiple of the 32-slot block, cache views with a row stride (a slice of a longer cache), per-query limits
+    # (causal speculation rows, finished rows) with some past the span.
+    g = torch.Generator().manual_seed(B * 1000 + S)
+    kv = torch.randn(B, S + 5, C, generator=g)[:, :S]
+    pe = torch.randn(B, S + 3, R, generator=g)[:, :S]
+    q_lat, q_pe = torch.randn(B, M, C, generator=g) * 2, torch.randn(B, M, R, generator=g) * 2
+    limit = torch.randint(0, S + 2, (B, M), generator=g)
+    limit[0, 0] = S - 1
+    got = kernels.latent_decode_attention(q_lat, q_pe, kv, pe, limit, 0.3)
+    torch.testing.assert_close(got, reference(q_lat, q_pe, kv, pe, limit, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_on_scores_far_apart_and_an_empty_row():
+    # Large score gaps exercise the online softmax's rescaling (a later block's max far above an earlier one's);
+    # a query that sees no slot gets NaN, as the softmax over all -inf does.
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(1, 200, 16, generator=g)
+    kv[0, 150] *= 40
+    pe = torch.randn(1, 200, 4, generator=g)
+    q_lat, q_pe = torch.randn(1, 3, 16, generator=g) * 5, torch.randn(1, 3, 4, generator=g)
+    limit = torch.tensor([[199, 100, -1]])
+    got = kernels.latent_decode_attention(q_lat, q_pe, kv, pe, limit, 1.0)
+    want = reference(q_lat, q_pe, kv, pe, limit, 1.0)
+    torch.testing.assert_close(got[:, :2], want[:, :2], rtol=1e-5, atol=1e-5)
+    assert got[0, 2].isnan().all() and want[0, 2].isnan().all()
+
+
+def test_kernel_rejects_what_it_does_not_cover():
+    q, kv = torch.randn(1, 8, 16), torch.randn(1, 10, 16)
+    qp, pe, lim = torch.randn(1, 8, 4), torch.randn(1, 10, 4), torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
+        kernels.latent_decode_attention(q.bfloat16(), qp, kv, pe, lim, 1.0)
+    with pytest.raises(RuntimeError, match="inconsistent shapes"):
+        kernels.latent_decode_attention(q, qp, kv[:, :, :8], pe, lim, 1.0)
+    with pytest.raises(RuntimeError, match="last dimension must be contiguous"):
+        kernels.latent_decode_attention(q, qp, torch.randn(1, 16, 10).transpose(1, 2), pe, lim, 1.0)
+
+
+def test_model_decode_through_the_kernel_equals_the_pytorch_path(monkeypatch):
+    # A batch of 3 rows at different positions, two query positions per row (as speculative verification has):
+    # logits with cache.fused equal those without, and the kernel did run, once per layer.
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny", vocab_size=128, max_position_embeddings=64)
+    model = Transformer(config).eval()
+    calls = []
+    real = kernels.latent_decode_attention
+    monkeypatch.setattr(kernels, "latent_decode_attention", lambda *a: calls.append(1) or real(*a))
+    prompts = torch.randint(0, 128, (3, 20))
+    lengths = [20, 13, 7]
+    logits = {}
+    for fused in (False, True):
+        cache = LatentCache.allocate(config, 3, 32)
+        with torch.no_grad():
+            for b, n in enumerate(lengths):  # prefill each row on its own
+                model(prompts[b:b + 1, :n], positions=torch.arange(n)[None], cache=cache,
+                      rows=torch.tensor([b]), prefill=True)
+            cache.fused = fused
+            pos = torch.tensor(lengths)[:, None] + torch.arange(2)
+            logits[fused] = model(torch.randint(0, 128, (3, 2), generator=torch.Generator().manual_seed(1)),
+                                  positions=pos, cache=cache)
+    assert len(calls) == config.num_hidden_layers
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
