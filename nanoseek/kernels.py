@@ -134,24 +134,27 @@ void attend_group(const vf8* qT, const vf8* qpT, const vf8& lim, const float* kv
 }
 
 // q_lat [B, M, C], q_pe [B, M, R]: the M = T x H absorbed queries of each row; kv [B, S, C], pe [B, S, R]: the
-// row's cache (any row and slot strides); limit [B, M]: the last slot query m sees (slots 0..limit visible).
+// row's cache (any row and slot strides); limit [B, T]: the last slot each of the T query positions sees (slots
+// 0..limit visible), shared by its M / T heads (query m is position m / (M / T)); any strides.
 // Returns softmax(scale * (q_lat kv^T + q_pe pe^T)) kv, [B, M, C], in fp32.
 at::Tensor latent_decode_attention(const at::Tensor& q_lat, const at::Tensor& q_pe, const at::Tensor& kv,
                                    const at::Tensor& pe, const at::Tensor& limit, double scale) {
   TORCH_CHECK(q_lat.dim() == 3 && q_pe.dim() == 3 && kv.dim() == 3 && pe.dim() == 3 && limit.dim() == 2,
               "latent_decode_attention: expected q_lat [B, M, C], q_pe [B, M, R], kv [B, S, C], pe [B, S, R], "
-              "limit [B, M]");
+              "limit [B, T]");
   for (const at::Tensor* t : {&q_lat, &q_pe, &kv, &pe}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(),
                 "latent_decode_attention: float32 CPU tensors only, got ", t->scalar_type(), " on ", t->device());
   }
   const int64_t B = q_lat.size(0), M = q_lat.size(1), C = q_lat.size(2), R = q_pe.size(2), S = kv.size(1);
   TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == M && kv.size(0) == B && kv.size(2) == C && pe.size(0) == B &&
-              pe.size(1) == S && pe.size(2) == R && limit.size(0) == B && limit.size(1) == M,
+              pe.size(1) == S && pe.size(2) == R && limit.size(0) == B && limit.size(1) > 0 &&
+              M % limit.size(1) == 0,
               "latent_decode_attention: inconsistent shapes");
   TORCH_CHECK(kv.stride(2) == 1 && pe.stride(2) == 1,
               "latent_decode_attention: the cache's last dimension must be contiguous");
-  const at::Tensor q = q_lat.contiguous(), qp = q_pe.contiguous(), lim = limit.to(at::kLong).contiguous();
+  const at::Tensor q = q_lat.contiguous(), qp = q_pe.contiguous(), lim = limit.to(at::kLong);
+  const int64_t heads = M / limit.size(1), lim_b = lim.stride(0), lim_t = lim.stride(1);
   at::Tensor out = at::empty({B, M, C}, q.options());
   const float* q_ptr = q.data_ptr<float>();
   const float* qp_ptr = qp.data_ptr<float>();
@@ -170,7 +173,7 @@ at::Tensor latent_decode_attention(const at::Tensor& q_lat, const at::Tensor& q_
       vf8 lim_v = splat(-1.0f);
       int64_t last = -1;
       for (int l = 0; l < lanes; ++l) {
-        const int64_t lm = std::min(lim_ptr[b * M + m0 + l], S - 1);
+        const int64_t lm = std::min(lim_ptr[b * lim_b + (m0 + l) / heads * lim_t], S - 1);
         lim_v[l] = static_cast<float>(lm);  // exact: slots < 2^24
         last = std::max(last, lm);
       }
@@ -244,6 +247,7 @@ def load() -> bool:
         return True
 
 
-def latent_decode_attention(q_lat_BMC, q_pe_BMR, kv_BSC, pe_BSR, limit_BM, scale: float):
-    """The fused absorbed attention (module docstring); `load()` must have returned True."""
-    return torch.ops.nanoseek.latent_decode_attention(q_lat_BMC, q_pe_BMR, kv_BSC, pe_BSR, limit_BM, scale)
+def latent_decode_attention(q_lat_BMC, q_pe_BMR, kv_BSC, pe_BSR, limit_BT, scale: float):
+    """The fused absorbed attention (module docstring, and the C++ comment for shapes); `load()` must have
+    returned True."""
+    return torch.ops.nanoseek.latent_decode_attention(q_lat_BMC, q_pe_BMR, kv_BSC, pe_BSR, limit_BT, scale)

@@ -293,9 +293,8 @@ class MLA(nn.Module):
         # reduction over the span, 0.6 ms a layer at 2,048 in bf16; dev/LOG.md).
         q_lat_BMC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk).reshape(B, T * H, self.kv_rank)
         if cache.fused and kv_BSC.dtype == q_lat_BMC.dtype == torch.float32 and kv_BSC.device.type == "cpu":
-            limit_BM = positions_BT[:, :, None].expand(B, T, H).reshape(B, T * H)
             out_lat_BMC = kernels.latent_decode_attention(q_lat_BMC, q_pe.reshape(B, T * H, self.rope), kv_BSC,
-                                                          pe_BSR, limit_BM, self.scale)
+                                                          pe_BSR, positions_BT, self.scale)
             return torch.einsum("bthc,hoc->btho", out_lat_BMC.view(B, T, H, self.kv_rank), w_uv)
         scores_BMS = (_row_matmul(q_lat_BMC, kv_BSC.transpose(1, 2))
                       + _row_matmul(q_pe.reshape(B, T * H, self.rope), pe_BSR.transpose(1, 2))).float() * self.scale

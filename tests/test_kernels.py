@@ -15,22 +15,26 @@ def built():
 
 
 def reference(q_lat, q_pe, kv, pe, limit, scale):
-    """The PyTorch path of MLA._attend_absorbed: scores, visibility mask, fp32 softmax, weighted latents."""
+    """The PyTorch path of MLA._attend_absorbed: scores, visibility mask, fp32 softmax, weighted latents. limit
+    [B, T]: the last visible slot of each query position, shared by its M / T heads."""
     scores = (q_lat @ kv.transpose(1, 2) + q_pe @ pe.transpose(1, 2)) * scale
-    visible = torch.arange(kv.shape[1]) <= limit[:, :, None]
+    per_query = limit.repeat_interleave(q_lat.shape[1] // limit.shape[1], dim=1)
+    visible = torch.arange(kv.shape[1]) <= per_query[:, :, None]
     return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ kv
 
 
-@pytest.mark.parametrize("B,M,C,R,S", [(1, 8, 64, 16, 2048), (3, 6, 12, 4, 45), (2, 19, 40, 8, 300), (1, 1, 8, 2, 1)])
-def test_kernel_equals_the_pytorch_path(B, M, C, R, S):
-    # Query counts that are not a multiple of the 8 lanes, latent widths not a multiple of 8, spans that are not a
-    # multiple of the 32-slot block, cache views with a row stride (a slice of a longer cache), per-query limits
-    # (causal speculation rows, finished rows) with some past the span.
+@pytest.mark.parametrize("B,T,M,C,R,S", [(1, 1, 8, 64, 16, 2048), (3, 2, 6, 12, 4, 45), (2, 19, 19, 40, 8, 300),
+                                         (1, 1, 1, 8, 2, 1), (2, 3, 24, 16, 4, 70)])
+def test_kernel_equals_the_pytorch_path(B, T, M, C, R, S):
+    # Query counts that are not a multiple of the 8 lanes, lane groups spanning two query positions, latent widths
+    # not a multiple of 8, spans that are not a multiple of the 32-slot block, cache views with a row stride (a
+    # slice of a longer cache), per-position limits (speculation's T > 1, rows of other lengths), some past the
+    # span, and a limit tensor with strides (a column of a wider one).
     g = torch.Generator().manual_seed(B * 1000 + S)
     kv = torch.randn(B, S + 5, C, generator=g)[:, :S]
     pe = torch.randn(B, S + 3, R, generator=g)[:, :S]
     q_lat, q_pe = torch.randn(B, M, C, generator=g) * 2, torch.randn(B, M, R, generator=g) * 2
-    limit = torch.randint(0, S + 2, (B, M), generator=g)
+    limit = torch.randint(0, S + 2, (B, T, 2), generator=g)[:, :, 0]
     limit[0, 0] = S - 1
     got = kernels.latent_decode_attention(q_lat, q_pe, kv, pe, limit, 0.3)
     torch.testing.assert_close(got, reference(q_lat, q_pe, kv, pe, limit, 0.3), rtol=1e-5, atol=1e-5)
@@ -43,7 +47,7 @@ def test_kernel_on_scores_far_apart_and_an_empty_row():
     kv = torch.randn(1, 200, 16, generator=g)
     kv[0, 150] *= 40
     pe = torch.randn(1, 200, 4, generator=g)
-    q_lat, q_pe = torch.randn(1, 3, 16, generator=g) * 5, torch.randn(1, 3, 4, generator=g)
+    q_lat, q_pe = torch.randn(1, 3, 16, generator=g) * 5, torch.randn(1, 3, 4, generator=g)  # 3 positions
     limit = torch.tensor([[199, 100, -1]])
     got = kernels.latent_decode_attention(q_lat, q_pe, kv, pe, limit, 1.0)
     want = reference(q_lat, q_pe, kv, pe, limit, 1.0)
