@@ -1,6 +1,6 @@
 """Decode speed of the nanoseek engine (latent cache, absorbed MLA) against transformers' `generate` on the same
-weights, MTP speculative decoding against plain decoding, server throughput with concurrent clients on loopback,
-and cache bytes per token. One run, one set of weights (the bench config of bench/model_speed.py plus one MTP
+weights, prefill time of one prompt, MTP speculative decoding against plain decoding, server throughput with
+concurrent clients on loopback, and cache bytes per token. One run, one set of weights (the bench config of bench/model_speed.py plus one MTP
 depth, trained for a little while on Python standard-library source so that the MTP drafter means something).
 
     python bench/decode.py                        # everything (about 10 minutes on 2 busy cores)
@@ -214,6 +214,23 @@ def main():
                     print(f"# compiled in {engine.compile_s:.1f}s", flush=True)
             o, h = statistics.median(ours), statistics.median(theirs)
             print(f"| {B} | {ctx} | {o:.0f} | {h:.1f} | {o / h:.1f}x |", flush=True)
+
+    # ---- prefill of one prompt: the engine's own prefill clock against transformers' forward over the prompt
+    print("\n| context | nanoseek prefill s | transformers prefill s | ratio |", flush=True)
+    print("|---|---|---|---|")
+    for ctx in args.contexts:
+        prompt = prompts_for(1, ctx)[0]
+        ours, theirs = [], []
+        for _ in range(args.reps):
+            engine = Engine(model, max_batch=1, max_len=ctx + 2)
+            engine.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True))
+            ours.append(engine.stats.prefill_s)
+            t = time.perf_counter()
+            with torch.no_grad():
+                hf(torch.tensor([prompt]), use_cache=True)
+            theirs.append(time.perf_counter() - t)
+        o, h = statistics.median(ours), statistics.median(theirs)
+        print(f"| {ctx} | {o:.3f} | {h:.3f} | {h / o:.1f}x |", flush=True)
 
     # ---- speculative vs plain (greedy, so outputs must be identical)
     print("\n| batch | context | plain tok/s | speculative tok/s | speed-up | acceptance | same tokens |")
