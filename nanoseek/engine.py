@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import secrets
 import threading
 import time
@@ -40,7 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
+from . import model as model_lib
 from .model import LatentCache, Transformer
+
+log = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
@@ -417,8 +421,9 @@ class Engine:
     def _compile_decode(self) -> Callable:
         """The decode forward under torch.compile (inductor, C++ wrapper): one graph whose kernels fuse the ~1,000
         small ops of an eager batch-1 step (dev/LOG.md). The span S is a dynamic dimension and so is the number of
-        rows past 1, so a server compiles twice (1 row, more rows), here and now rather than mid-request. Past 16
-        rows (64 routed assignments) the routed experts leave the graph for eager grouped_mm (model.grouped_mm)."""
+        rows past 1, so a server compiles twice (1 row, more rows), here and now rather than mid-request; three
+        times where max_batch reaches past model.ROWWISE_MAX_ROWS routed assignments (64: 16 rows at top-4), where
+        the routed experts leave the graph for eager grouped_mm (model.grouped_mm)."""
         if self.config.index_topk is not None or self.speculative:
             raise ValueError("compile covers plain decode with dense MLA; run speculative decoding and models with "
                              "sparse attention (index_topk set) without it")
@@ -428,7 +433,7 @@ class Engine:
         # Attention over the cache in one fused pass where it can (fp32 on CPU): 3.5x less time than its three
         # library products at 2,048 slots (nanoseek.kernels; dev/LOG.md).
         self.fused_attention = fused = (self.cache.kv.dtype == torch.float32 and self.cache.kv.device.type == "cpu"
-                 and next(self.model.parameters()).dtype == torch.float32 and kernels.load())
+                                        and next(self.model.parameters()).dtype == torch.float32 and kernels.load())
 
         def compiled(ids_N1, pos_N1, kv, pe, idx=None):
             torch._dynamo.mark_dynamic(kv, 2)
@@ -438,17 +443,28 @@ class Engine:
                     torch._dynamo.mark_dynamic(t, dim)
             return fn(self.model, ids_N1, pos_N1, kv, pe, None, fused)
 
+        # Every graph a step can need: 1 row, 2+ rows, and the first row count past the rowwise-experts limit.
+        counts = {1, min(2, self.max_batch)}
+        past_rowwise = model_lib.ROWWISE_MAX_ROWS // max(1, self.config.num_experts_per_tok) + 1
+        if self.config.n_routed_experts and self.max_batch >= past_rowwise:
+            counts.add(past_rowwise)
         t0 = time.perf_counter()
         with torch.inference_mode():  # warm-up writes slot 0 of the first rows; a prompt rewrites it before use
-            for n in sorted({1, min(2, self.max_batch)}):
+            for n in sorted(counts):
                 compiled(self.last[:n, None], self.pos[:n, None], self.cache.kv[:, :n, :2], self.cache.pe[:, :n, :2])
         self.compile_s = time.perf_counter() - t0
 
         def warmed(*args):
-            # Both graphs exist now and decode inputs vary only along their dynamic dimensions, so Dynamo need only
-            # tell the two apart, not re-check every parameter's guards: 0.48 -> 0.13 ms a step (dev/LOG.md).
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return compiled(*args)
+            # The graphs exist now and decode inputs vary only along their dynamic dimensions, so Dynamo need only
+            # tell them apart, not re-check every parameter's guards: 0.48 -> 0.13 ms a step (dev/LOG.md).
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return compiled(*args)
+            except RuntimeError as e:  # an input no warm-up covered: Dynamo refuses to compile under that stance
+                if "skip_guard_eval_unsafe" not in str(e):
+                    raise
+            log.warning("compiled decode: a step needed a graph the warm-up did not build; compiling it now")
+            return compiled(*args)
 
         return warmed
 

@@ -231,7 +231,10 @@ def load() -> bool:
             from torch.utils.cpp_extension import load_inline
 
             log.info("building nanoseek's CPU kernels (once per machine)")
-            load_inline(name="nanoseek_cpu_kernels", cpp_sources=[_SOURCE], is_python_module=False,
+            # -march=native code: the name carries the ISA, so a shared home directory does not hand an AVX-512
+            # build to an AVX2 machine.
+            isa = torch.backends.cpu.get_cpu_capability().lower()
+            load_inline(name=f"nanoseek_cpu_kernels_{isa}", cpp_sources=[_SOURCE], is_python_module=False,
                         extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: no kernel, PyTorch path
             log.warning("nanoseek's CPU kernels did not build (%s: %s); using the PyTorch path",

@@ -442,6 +442,9 @@ def pad_segments(offsets_E: Tensor, rows: int, multiple: int) -> tuple[Tensor, T
     return rows_A + shift_E[expert_A], padded_ends_E.to(offsets_E.dtype)
 
 
+ROWWISE_MAX_ROWS = 64  # routed assignments up to which compiled graphs run the experts row by row (_rowwise_mm)
+
+
 def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     """Rows [offsets[e-1], offsets[e]) of x times w[e]. torch._grouped_mm where it exists (CPU and Hopper GPUs);
     otherwise a segment loop (correct everywhere, only used on older GPUs)."""
@@ -449,11 +452,15 @@ def grouped_mm(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
         bounds = [0] + offsets_E.tolist()
         return torch.cat([x_AI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
     if torch.compiler.is_compiling():
-        if x_AI.shape[0] <= 64 and (x_AI.dtype != torch.bfloat16 or x_AI.device.type == "cpu"):
+        if x_AI.shape[0] <= ROWWISE_MAX_ROWS and (x_AI.dtype != torch.bfloat16 or x_AI.device.type == "cpu"):
             # Decode: a few rows, no graph break. On CPU also in bf16, where inductor's lowering of _grouped_mm runs
             # one matmul per expert, empty ones included (a bf16 decode step 2-3x slower, dev/LOG.md).
             return _rowwise_mm(x_AI, w_EIO, offsets_E)
         if x_AI.dtype != torch.bfloat16:  # its compile-time shape rule knows only bf16
+            if not (torch.is_grad_enabled() and (x_AI.requires_grad or w_EIO.requires_grad)):
+                # Inference: an opaque op inside the graph. A graph break here would start a resumed graph whose
+                # row count is static, which clashes with the decode graph's dynamic rows.
+                return _grouped_mm_op(x_AI, w_EIO, offsets_E)
             return _grouped_mm_eager(x_AI, w_EIO, offsets_E)
     return torch._grouped_mm(x_AI, w_EIO.to(x_AI.dtype), offs=offsets_E)
 
@@ -470,6 +477,17 @@ def _rowwise_mm(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
 @torch.compiler.disable
 def _grouped_mm_eager(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     return torch._grouped_mm(x_AI, w_EIO.to(x_AI.dtype), offs=offsets_E)
+
+
+@torch.library.custom_op("nanoseek::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    """torch._grouped_mm as an op torch.compile does not look into (no autograd: inference only)."""
+    return torch._grouped_mm(x_AI, w_EIO.to(x_AI.dtype), offs=offsets_E)
+
+
+@_grouped_mm_op.register_fake
+def _(x_AI: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
+    return x_AI.new_empty(x_AI.shape[0], w_EIO.shape[-1])
 
 
 class MoE(nn.Module):

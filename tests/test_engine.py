@@ -157,6 +157,20 @@ def test_compiled_decode_gives_the_same_greedy_tokens(model):
     assert [r.output for r in engine.generate(prompts, GREEDY)] == out
 
 
+@pytest.mark.slow
+def test_compiled_decode_past_the_rowwise_expert_limit(model):
+    # 34 rows at top-2 are 68 routed assignments, past model.ROWWISE_MAX_ROWS (64): the compiled step then runs the
+    # experts through grouped_mm inside the graph, a third graph the engine builds at start. Before, a step with 33+
+    # rows asked Dynamo to recompile under the warmed-up stance and raised.
+    import nanoseek.model as model_lib
+
+    assert 33 * model.config.num_experts_per_tok > model_lib.ROWWISE_MAX_ROWS
+    prompts = prompts_of([3 + i % 5 for i in range(34)], seed=7)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    compiled = [r.output for r in Engine(model, max_batch=34, max_len=16, compile=True).generate(prompts, params)]
+    assert compiled == [r.output for r in Engine(model, max_batch=34, max_len=16).generate(prompts, params)]
+
+
 def test_decode_compile_options_turn_one_row_products_into_fused_kernels():
     # The compiled decode step's GEMVs (one row times a weight, the LM head's 8,192 columns included) become
     # inductor multiply-and-sum kernels; products with more rows stay library GEMMs. Same values either way.
