@@ -10,7 +10,7 @@ sits at position L+k. The newest generated token (`last`) is not in the cache ye
               padding's latents land in slots that only queries at later positions could see, and those slots
               are rewritten (at their own position) before any such query runs.
     decode    `last` of every active row at its position, absorbed MLA over the cache (`prefill=False`); with
-              `compile=True` this forward runs under torch.compile (~2-3x faster than eager at batch 1 on CPU).
+              `compile=True` this forward runs under torch.compile (~4x faster than eager at batch 1 on CPU).
     speculate [last, draft] at [pos, pos+1] in one absorbed forward; the MTP module proposed the draft
               (DeepSeek-V3 sec. 2.2 and 5.4.3). A rejected draft's latents stay in slot pos+1 and are rewritten
               by the next step before any query at a position >= pos+1 reads them.
@@ -709,7 +709,7 @@ def add_engine_arguments(p, batching: bool = True) -> None:
     p.add_argument("--speculative", action="store_true",
                    help="draft one token per step with the MTP module, verified by the main model")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (~2-3x faster than eager at batch 1 on CPU; compiles for up "
+                   help="torch.compile the decode step (~4x faster than eager at batch 1 on CPU; compiles for up "
                         "to a few minutes at start; not with --speculative or sparse attention)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
