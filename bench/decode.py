@@ -168,7 +168,8 @@ def main():
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed per server measurement")
     p.add_argument("--quick", action="store_true", help="batch 1, 1 repetition, fewer clients")
     p.add_argument("--compile", action="store_true",
-                   help="decode table: nanoseek with Engine(compile=True) (compile time printed, not timed)")
+                   help="decode and speculative tables: nanoseek with Engine(compile=True) (compile time printed, "
+                        "not timed)")
     args = p.parse_args()
     if args.quick:
         args.batches, args.reps, args.clients, args.train_steps = [1], 1, [1, 4], min(args.train_steps, 60)
@@ -232,7 +233,8 @@ def main():
         o, h = statistics.median(ours), statistics.median(theirs)
         print(f"| {ctx} | {o:.3f} | {h:.3f} | {h / o:.1f}x |", flush=True)
 
-    # ---- speculative vs plain (greedy, so outputs must be identical)
+    # ---- speculative vs plain (greedy, so outputs must be identical); both compiled under --compile
+    print(f"\n# speculative vs plain, {'compiled' if args.compile else 'eager'} engines")
     print("\n| batch | context | plain tok/s | speculative tok/s | speed-up | acceptance | same tokens |")
     print("|---|---|---|---|---|---|---|")
     for B in args.batches:
@@ -241,8 +243,8 @@ def main():
         new = 4 * args.new_tokens
         plain, spec, acc, same = [], [], [], True
         for _ in range(args.reps):
-            r0, e0 = ours_decode(model, prompts, new)
-            r1, e1 = ours_decode(model, prompts, new, speculative=True)
+            r0, e0 = ours_decode(model, prompts, new, compile=args.compile)
+            r1, e1 = ours_decode(model, prompts, new, speculative=True, compile=args.compile)
             plain.append(r0)
             spec.append(r1)
             acc.append(e1.stats.acceptance)

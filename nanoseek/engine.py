@@ -13,7 +13,8 @@ sits at position L+k. The newest generated token (`last`) is not in the cache ye
               `compile=True` this forward runs under torch.compile (~4x faster than eager at batch 1 on CPU).
     speculate [last, draft] at [pos, pos+1] in one absorbed forward; the MTP module proposed the draft
               (DeepSeek-V3 sec. 2.2 and 5.4.3). A rejected draft's latents stay in slot pos+1 and are rewritten
-              by the next step before any query at a position >= pos+1 reads them.
+              by the next step before any query at a position >= pos+1 reads them. With `compile=True` the
+              verify forward and the MTP drafter run compiled, the acceptance rule between them eager.
 
 Active rows are kept compact (rows 0..N-1 of the cache): a finished row is refilled by moving the last row into
 it, so every step runs on a view of the cache with no gather (the absorbed path would otherwise copy the cached
@@ -271,7 +272,11 @@ class Engine:
         self.rows: list[Request] = []  # active requests; rows[i] owns cache row i
         self.compile_s = 0.0
         self.fused_attention = False  # decode attention through nanoseek.kernels (compiled fp32 CPU decode)
-        self._decode_logits = self._compile_decode() if compile else functools.partial(decode_logits, model)
+        if compile:
+            self._decode_logits, self._verify, self._draft = self._compile_decode()
+        else:
+            self._decode_logits, self._verify, self._draft = (functools.partial(f, model) for f in
+                                                              (decode_logits, verify_forward, draft_forward))
         self.waiting: collections.deque[Request] = collections.deque()
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -418,55 +423,68 @@ class Engine:
         return max(len(r.prompt) + len(r.output) for r in self.rows) + ahead
 
     # ------------------------------------------------------------------------------------------------ compiled decode
-    def _compile_decode(self) -> Callable:
-        """The decode forward under torch.compile (inductor, C++ wrapper): one graph whose kernels fuse the ~1,000
-        small ops of an eager batch-1 step (dev/LOG.md). The span S is a dynamic dimension and so is the number of
-        rows past 1, so a server compiles twice (1 row, more rows), here and now rather than mid-request; three
-        times where max_batch reaches past model.ROWWISE_MAX_ROWS routed assignments (64: 16 rows at top-4), where
-        the routed experts leave the graph for eager grouped_mm (model.grouped_mm)."""
-        if self.config.index_topk is not None or self.speculative:
-            raise ValueError("compile covers plain decode with dense MLA; run speculative decoding and models with "
-                             "sparse attention (index_topk set) without it")
-        # Compiled code is cached per function (up to torch._dynamo's recompile limit), not per engine: engines on
-        # models of one config share it.
-        fn = torch.compile(decode_logits, dynamic=False, options=decode_compile_options(self.config.vocab_size))
+    def _compile_decode(self) -> tuple[Callable, Callable, Callable]:
+        """The decode forwards under torch.compile (inductor, C++ wrapper): one graph whose kernels fuse the ~1,000
+        small ops of an eager batch-1 step (dev/LOG.md). Plain decode compiles `decode_logits`; speculation compiles
+        its two forwards, the main model's verify of [last, draft] and the MTP drafter, with the acceptance rule
+        between them left eager. Returns (decode, verify, draft); the ones this engine does not run stay eager.
+
+        The span S is a dynamic dimension and so is the number of rows past 1, so a server compiles twice per
+        forward (1 row, more rows), here and now rather than mid-request; three times where max_batch reaches past
+        model.ROWWISE_MAX_ROWS routed assignments (64: 16 rows at top-4, 8 when speculating), where the routed
+        experts leave the row-by-row path for grouped_mm."""
+        if self.config.index_topk is not None:
+            raise ValueError("compile covers dense MLA; run models with sparse attention (index_topk set) without it")
+        options = decode_compile_options(self.config.vocab_size)
         # Attention over the cache in one fused pass where it can (fp32 on CPU): 3.5x less time than its three
         # library products at 2,048 slots (nanoseek.kernels; dev/LOG.md).
         self.fused_attention = fused = (self.cache.kv.dtype == torch.float32 and self.cache.kv.device.type == "cpu"
                                         and next(self.model.parameters()).dtype == torch.float32 and kernels.load())
+        eager = [functools.partial(f, self.model) for f in (decode_logits, verify_forward, draft_forward)]
 
-        def compiled(ids_N1, pos_N1, kv, pe, idx=None):
-            torch._dynamo.mark_dynamic(kv, 2)
-            torch._dynamo.mark_dynamic(pe, 2)
-            if kv.shape[1] > 1:
-                for t, dim in ((kv, 1), (pe, 1), (ids_N1, 0), (pos_N1, 0)):
-                    torch._dynamo.mark_dynamic(t, dim)
-            return fn(self.model, ids_N1, pos_N1, kv, pe, None, fused)
+        def compiled(forward: Callable) -> Callable:
+            # Compiled code is cached per function (up to torch._dynamo's recompile limit), not per engine: engines
+            # on models of one config share it.
+            fn = torch.compile(forward, dynamic=False, options=options)
+
+            def run(*args):
+                *rowed, kv, pe, _idx = args
+                torch._dynamo.mark_dynamic(kv, 2)
+                torch._dynamo.mark_dynamic(pe, 2)
+                if kv.shape[1] > 1:
+                    for t in (kv, pe):
+                        torch._dynamo.mark_dynamic(t, 1)
+                    for t in rowed:
+                        torch._dynamo.mark_dynamic(t, 0)
+                return fn(self.model, *rowed, kv, pe, None, fused)
+            return run
 
         # Every graph a step can need: 1 row, 2+ rows, and the first row count past the rowwise-experts limit.
+        tokens_per_row = 2 if self.speculative else 1
         counts = {1, min(2, self.max_batch)}
-        past_rowwise = model_lib.ROWWISE_MAX_ROWS // max(1, self.config.num_experts_per_tok) + 1
+        past_rowwise = model_lib.ROWWISE_MAX_ROWS // max(1, self.config.num_experts_per_tok * tokens_per_row) + 1
         if self.config.n_routed_experts and self.max_batch >= past_rowwise:
             counts.add(past_rowwise)
         t0 = time.perf_counter()
-        with torch.inference_mode():  # warm-up writes slot 0 of the first rows; a prompt rewrites it before use
-            for n in sorted(counts):
-                compiled(self.last[:n, None], self.pos[:n, None], self.cache.kv[:, :n, :2], self.cache.pe[:, :n, :2])
+        cache = self.cache
+        with torch.inference_mode():  # warm-up writes slots 0-1 of the first rows; a prompt rewrites them before use
+            if self.speculative:
+                verify, draft = compiled(verify_forward), compiled(draft_forward)
+                for n in sorted(counts):
+                    # Built as _speculate builds them (contiguous stacks): the warmed stance skips stride guards.
+                    ids = torch.stack([self.last[:n], self.draft[:n]], dim=1)
+                    pos = torch.stack([self.pos[:n], self.pos[:n] + 1], dim=1)
+                    kv, pe = cache.kv[:, :n, :2], cache.pe[:, :n, :2]
+                    _, h = verify(ids, pos, kv, pe, None)
+                    draft(h, ids, pos, kv, pe, None)
+                out = (eager[0], _warmed(verify), _warmed(draft))
+            else:
+                decode = compiled(decode_logits)
+                for n in sorted(counts):
+                    decode(self.last[:n, None], self.pos[:n, None], cache.kv[:, :n, :2], cache.pe[:, :n, :2], None)
+                out = (_warmed(decode), eager[1], eager[2])
         self.compile_s = time.perf_counter() - t0
-
-        def warmed(*args):
-            # The graphs exist now and decode inputs vary only along their dynamic dimensions, so Dynamo need only
-            # tell them apart, not re-check every parameter's guards: 0.48 -> 0.13 ms a step (dev/LOG.md).
-            try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return compiled(*args)
-            except RuntimeError as e:  # an input no warm-up covered: Dynamo refuses to compile under that stance
-                if "skip_guard_eval_unsafe" not in str(e):
-                    raise
-            log.warning("compiled decode: a step needed a graph the warm-up did not build; compiling it now")
-            return compiled(*args)
-
-        return warmed
+        return out
 
     def _compact(self) -> None:
         """Keep active rows at 0..N-1: move the last live rows into the holes finished ones left."""
@@ -586,8 +604,7 @@ class Engine:
         view = self._view(0, n, self._span(1))
         last, pos, draft, q_NV = self.last[:n], self.pos[:n], self.draft[:n], self.draft_q[:n]
         pos_N2 = torch.stack([pos, pos + 1], dim=1)
-        logits_N2V, h_N2D = self.model(torch.stack([last, draft], dim=1), positions=pos_N2, cache=view,
-                                       return_hidden=True)
+        logits_N2V, h_N2D = self._verify(torch.stack([last, draft], dim=1), pos_N2, view.kv, view.pe, view.idx)
         ar = torch.arange(n, device=self.device)
         u = self._uniforms(rows, 4)
         if all(r.generator is None for r in rows):  # all greedy: exact argmax comparisons, no distributions
@@ -604,7 +621,7 @@ class Engine:
         n_new = 1 + accepted.long()
         # MTP at pos (h_pos, t_{pos+1}) and pos+1 (h_{pos+1}, t_{pos+2}); the second is garbage for rejected rows
         # (its latents are rewritten next step) and the draft comes from the last position actually kept.
-        mtp_logits, _ = self.model.mtp_forward(1, h_N2D, torch.stack([first, bonus], dim=1), pos_N2, cache=view)
+        mtp_logits = self._draft(h_N2D, torch.stack([first, bonus], dim=1), pos_N2, view.kv, view.pe, view.idx)
         new_draft, new_q = self._pick(mtp_logits[ar, n_new - 1], 0, n, rows, u[:, 3])
         self.last[:n] = torch.where(accepted, bonus, first)
         self.pos[:n] += n_new
@@ -644,6 +661,36 @@ def decode_logits(model: Transformer, ids_N1: Tensor, pos_N1: Tensor, kv: Tensor
     """Next-token logits [N, V] of one decode step on the cache view (kv, pe, idx); `fused`: attention through
     the fused CPU kernel (nanoseek.kernels, loaded by the caller)."""
     return model(ids_N1, positions=pos_N1, cache=LatentCache(kv, pe, idx, fused))[:, 0]
+
+
+def verify_forward(model: Transformer, ids_N2: Tensor, pos_N2: Tensor, kv: Tensor, pe: Tensor,
+                   idx: Tensor | None = None, fused: bool = False) -> tuple[Tensor, Tensor]:
+    """A speculative step's check: logits [N, 2, V] and last hidden states [N, 2, D] of [last, draft] at
+    [pos, pos + 1], in one absorbed forward of the main model on the cache view."""
+    return model(ids_N2, positions=pos_N2, cache=LatentCache(kv, pe, idx, fused), return_hidden=True)
+
+
+def draft_forward(model: Transformer, h_N2D: Tensor, tokens_N2: Tensor, pos_N2: Tensor, kv: Tensor, pe: Tensor,
+                  idx: Tensor | None = None, fused: bool = False) -> Tensor:
+    """The MTP drafter (depth 1) on the verified positions: logits [N, 2, V] of the token after next."""
+    return model.mtp_forward(1, h_N2D, tokens_N2, pos_N2, cache=LatentCache(kv, pe, idx, fused))[0]
+
+
+def _warmed(run: Callable) -> Callable:
+    """A compiled forward whose graphs exist: decode inputs vary only along their dynamic dimensions, so Dynamo
+    need only tell the graphs apart, not re-check every parameter's guards (0.48 -> 0.13 ms a step, dev/LOG.md)."""
+
+    def warmed(*args):
+        try:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return run(*args)
+        except RuntimeError as e:  # an input no warm-up covered: Dynamo refuses to compile under that stance
+            if "skip_guard_eval_unsafe" not in str(e):
+                raise
+        log.warning("compiled decode: a step needed a graph the warm-up did not build; compiling it now")
+        return run(*args)
+
+    return warmed
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -710,7 +757,7 @@ def add_engine_arguments(p, batching: bool = True) -> None:
                    help="draft one token per step with the MTP module, verified by the main model")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (~4x faster than eager at batch 1 on CPU; compiles for up "
-                        "to a few minutes at start; not with --speculative or sparse attention)")
+                        "to a few minutes at start; not with sparse attention)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 

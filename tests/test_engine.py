@@ -249,6 +249,22 @@ def chi2_against(tokens: list[int], probs: torch.Tensor) -> float:
     return (((f - e) ** 2) / e.clamp_min(1e-9)).sum().item(), int(keep.sum())
 
 
+@pytest.mark.slow
+def test_compiled_speculative_gives_the_same_greedy_tokens(chat_model, tok):
+    # Speculation under torch.compile: the verify forward and the MTP drafter each compile (1 row, 2+ rows), the
+    # acceptance rule between them stays eager. Same tokens and the same accepted drafts as eager speculation.
+    chats = [chat_prompt(tok, u) for u, _ in CHATS]
+    sp = SamplingParams(max_tokens=60)
+    eager = Engine(chat_model, tok, max_batch=2, max_len=128, speculative=True)
+    want = [r.output for r in eager.generate(chats, sp)]
+    engine = Engine(chat_model, tok, max_batch=2, max_len=128, speculative=True, compile=True)
+    got = engine.generate(chats, sp)
+    assert [r.output for r in got] == want and [r.text for r in got] == [a for _, a in CHATS]
+    assert engine.compile_s > 0 and engine.fused_attention
+    assert (engine.stats.drafted, engine.stats.accepted) == (eager.stats.drafted, eager.stats.accepted)
+    assert engine.stats.acceptance > 0.8
+
+
 def test_sampled_speculative_engine_keeps_the_distribution():
     # Random weights: the MTP drafter disagrees with the model, so both accept and resample paths run. The second
     # token's marginal must equal the exact sum_t1 p(t1) p(t2 | t1) for plain and speculative engines alike.
