@@ -7,7 +7,8 @@ probabilities times c_KV) with a softmax between them: at batch 1 those are 8-ro
 twice, the first time cold (the step's 25 MB of weights have pushed it out of cache), and at a 2,048-token context
 they took ~190 us a layer of a ~3.6 ms compiled step. This kernel walks the cache once in blocks of 32 slots:
 scores for every query of the row, an online softmax, and the weighted sum into the output while the block is in
-L1 (dev/LOG.md, session 6).
+L1 (dev/LOG.md, session 6). Built with -march=native: on AVX-512 machines a 16-lane variant holds two channels
+of each query per register (dev/LOG.md, session 7).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ constexpr int kLanes = 8;
 constexpr int64_t kBlock = 32;  // cache slots per block
 constexpr int kKeys = 8;        // slots scored at once: eight independent FMA chains
 
-inline vf8 splat(float x) { return vf8{} + x; }
+inline vf8 splat(float x) { return vf8{x, x, x, x, x, x, x, x}; }
 
 // e^x for x <= 0 (a score minus its running max): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to
 // r^6 (relative error < 2e-7), 2^n through the exponent bits. Below -87 it gives ~1e-38 instead of 0: against the
@@ -64,11 +65,36 @@ inline vf8 exp_nonpos(vf8 x) {
   return p * two_n;
 }
 
+// The online softmax of one block: scores e[0..n) of slots s0.. become probabilities against the updated running
+// max; returns the factor that rescales what was accumulated before. Slots below `all_see` are visible to every
+// lane (decode: all of them), so only the block holding a lane's limit pays for the mask.
+inline vf8 softmax_block(vf8* e, int64_t s0, int64_t n, const vf8& lim, int64_t all_see, vf8& run_max, vf8& den) {
+  const bool masked = s0 + n > all_see;
+  vf8 block_max = splat(-FLT_MAX);
+  for (int64_t j = 0; j < n; ++j) {
+    if (masked) e[j] = (splat(static_cast<float>(s0 + j)) <= lim) ? e[j] : splat(-FLT_MAX);
+    block_max = block_max > e[j] ? block_max : e[j];
+  }
+  const vf8 new_max = run_max > block_max ? run_max : block_max;
+  const vf8 correction = exp_nonpos(run_max - new_max);
+  run_max = new_max;
+  vf8 sum = vf8{};
+  for (int64_t j = 0; j < n; ++j) {
+    vf8 p = exp_nonpos(e[j] - new_max);
+    if (masked) p = (splat(static_cast<float>(s0 + j)) <= lim) ? p : vf8{};
+    e[j] = p;
+    sum += p;
+  }
+  den = den * correction + sum;
+  return correction;
+}
+
 // One group of up to eight queries of one row against that row's cache, one pass over slots 0..last.
 // qT [C][8] and qpT [R][8]: the queries transposed, lane = query; lim [8]: each lane's last visible slot (-1 for
 // padding lanes). accT [C][8] receives softmax(scores) . kv, den [8] the softmax denominators.
-void attend_group(const vf8* qT, const vf8* qpT, const vf8& lim, const float* kv, int64_t kv_s, const float* pe,
-                  int64_t pe_s, int64_t C, int64_t R, int64_t last, float scale, vf8* accT, vf8& den) {
+void attend_group(const vf8* qT, const vf8* qpT, const vf8& lim, int64_t all_see, const float* kv, int64_t kv_s,
+                  const float* pe, int64_t pe_s, int64_t C, int64_t R, int64_t last, float scale, vf8* accT,
+                  vf8& den) {
   vf8 run_max = splat(-FLT_MAX);
   den = vf8{};
   for (int64_t c = 0; c < C; ++c) accT[c] = vf8{};
@@ -97,22 +123,7 @@ void attend_group(const vf8* qT, const vf8* qpT, const vf8& lim, const float* kv
       for (int k = 0; k < kKeys; ++k) e[j + k] = s[k] * scale;  // j + k < kBlock; slots past n unused
     }
     // online softmax: mask, block max, rescale what came before
-    vf8 block_max = splat(-FLT_MAX);
-    for (int64_t j = 0; j < n; ++j) {
-      const vf8 visible_score = (splat(static_cast<float>(s0 + j)) <= lim) ? e[j] : splat(-FLT_MAX);
-      e[j] = visible_score;
-      block_max = block_max > visible_score ? block_max : visible_score;
-    }
-    const vf8 new_max = run_max > block_max ? run_max : block_max;
-    const vf8 correction = exp_nonpos(run_max - new_max);
-    run_max = new_max;
-    vf8 sum = vf8{};
-    for (int64_t j = 0; j < n; ++j) {
-      const vf8 p = (splat(static_cast<float>(s0 + j)) <= lim) ? exp_nonpos(e[j] - new_max) : vf8{};
-      e[j] = p;
-      sum += p;
-    }
-    den = den * correction + sum;
+    const vf8 correction = softmax_block(e, s0, n, lim, all_see, run_max, den);
     // accT[c] = accT[c] * correction + sum_j p_j * kv[slot j][c], eight c at a time in registers
     int64_t c0 = 0;
     for (; c0 + 8 <= C; c0 += 8) {
@@ -132,6 +143,101 @@ void attend_group(const vf8* qT, const vf8* qpT, const vf8& lim, const float* kv
     }
   }
 }
+
+#if defined(__AVX512F__)
+// The same pass with 16-lane registers. Eight queries fill only half of one, so a vector holds two channels of
+// each query side by side (lane 2l: query l at channel c, lane 2l + 1: at channel c + 1) and the cache side is
+// a 64-bit broadcast of the two neighbouring values kv[slot][c], kv[slot][c + 1]: every FMA does 16 useful
+// products, half the FMAs of the 8-lane loop. The two lanes of a query are summed once per slot (scores) and
+// once per call (output).
+typedef float vf16 __attribute__((vector_size(64)));
+typedef double vd8 __attribute__((vector_size(64)));
+
+inline vf16 pair_splat(const float* p) {  // [p0, p1] x 8
+  double d;
+  std::memcpy(&d, p, sizeof(d));
+  return reinterpret_cast<vf16>(vd8{d, d, d, d, d, d, d, d});  // (not vd8{} + d: 0 + d is an add, then a shuffle)
+}
+inline vf16 splat16(float x) { return vf16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline vf16 interleave(const vf8& a, const vf8& b) {
+  return __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+}
+inline vf16 dup(const vf8& a) { return __builtin_shufflevector(a, a, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7); }
+inline vf8 even(const vf16& a) { return __builtin_shufflevector(a, a, 0, 2, 4, 6, 8, 10, 12, 14); }
+inline vf8 odd(const vf16& a) { return __builtin_shufflevector(a, a, 1, 3, 5, 7, 9, 11, 13, 15); }
+
+// Scores of one slot's row `k` (n channels) against the paired queries q2: s += k . q, two channels a lane pair.
+#define NANOSEEK_PAIRED_SCORES(q2, rows, n)                                                          \
+  for (int64_t i = 0; i < (n) / 2; ++i) {                                                            \
+    const vf16 q = (q2)[i];                                                                          \
+    for (int k = 0; k < kKeys; ++k) s[k] += pair_splat(rows[k] + 2 * i) * q;                         \
+  }                                                                                                  \
+  if ((n) & 1) { /* the last channel alone: its pair's odd lanes hold zero queries */                \
+    const vf16 q = (q2)[(n) / 2];                                                                    \
+    for (int k = 0; k < kKeys; ++k) s[k] += splat16(rows[k][(n) - 1]) * q;                           \
+  }
+
+void attend_group_paired(const vf8* qT, const vf8* qpT, const vf8& lim, int64_t all_see, const float* kv,
+                         int64_t kv_s, const float* pe, int64_t pe_s, int64_t C, int64_t R, int64_t last,
+                         float scale, vf8* accT, vf8& den) {
+  const int64_t P = C / 2;  // channel pairs of the output; an odd last channel goes through the 8-lane loop
+  std::vector<vf16> q2((C + 1) / 2), qp2((R + 1) / 2), acc2(P);
+  for (int64_t i = 0; i < C / 2; ++i) q2[i] = interleave(qT[2 * i], qT[2 * i + 1]);
+  if (C & 1) q2[C / 2] = interleave(qT[C - 1], vf8{});
+  for (int64_t i = 0; i < R / 2; ++i) qp2[i] = interleave(qpT[2 * i], qpT[2 * i + 1]);
+  if (R & 1) qp2[R / 2] = interleave(qpT[R - 1], vf8{});
+  vf8 run_max = splat(-FLT_MAX);
+  den = vf8{};
+  if (C & 1) accT[C - 1] = vf8{};
+  vf8 e[kBlock];
+  for (int64_t s0 = 0; s0 <= last; s0 += kBlock) {
+    const int64_t n = std::min(kBlock, last + 1 - s0);
+    for (int64_t j = 0; j < n; j += kKeys) {
+      const int64_t w = std::min<int64_t>(kKeys, n - j);
+      const float* kr[kKeys];
+      const float* pr[kKeys];
+      for (int k = 0; k < kKeys; ++k) {
+        const int64_t slot = s0 + j + std::min<int64_t>(k, w - 1);
+        kr[k] = kv + slot * kv_s;
+        pr[k] = pe + slot * pe_s;
+      }
+      vf16 s[kKeys] = {};
+      NANOSEEK_PAIRED_SCORES(q2, kr, C)
+      NANOSEEK_PAIRED_SCORES(qp2, pr, R)
+      for (int k = 0; k < kKeys; ++k) e[j + k] = (even(s[k]) + odd(s[k])) * scale;
+    }
+    // online softmax: mask, block max, rescale what came before
+    const vf8 correction = softmax_block(e, s0, n, lim, all_see, run_max, den);
+    const vf16 corr2 = dup(correction);
+    int64_t i0 = 0;
+    for (; i0 + 8 <= P; i0 += 8) {  // eight channel pairs (16 channels) in registers over the block's slots
+      vf16 a[8];
+      for (int i = 0; i < 8; ++i) a[i] = acc2[i0 + i] * corr2;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* k = kv + (s0 + j) * kv_s + 2 * i0;
+        const vf16 p = dup(e[j]);
+        for (int i = 0; i < 8; ++i) a[i] += pair_splat(k + 2 * i) * p;
+      }
+      for (int i = 0; i < 8; ++i) acc2[i0 + i] = a[i];
+    }
+    for (int64_t i = i0; i < P; ++i) {
+      vf16 a = acc2[i] * corr2;
+      for (int64_t j = 0; j < n; ++j) a += pair_splat(kv + (s0 + j) * kv_s + 2 * i) * dup(e[j]);
+      acc2[i] = a;
+    }
+    if (C & 1) {
+      vf8 a = accT[C - 1] * correction;
+      for (int64_t j = 0; j < n; ++j) a += kv[(s0 + j) * kv_s + C - 1] * e[j];
+      accT[C - 1] = a;
+    }
+  }
+  for (int64_t i = 0; i < P; ++i) {
+    accT[2 * i] = even(acc2[i]);
+    accT[2 * i + 1] = odd(acc2[i]);
+  }
+}
+#undef NANOSEEK_PAIRED_SCORES
+#endif
 
 // q_lat [B, M, C], q_pe [B, M, R]: the M = T x H absorbed queries of each row; kv [B, S, C], pe [B, S, R]: the
 // row's cache (any row and slot strides); limit [B, T]: the last slot each of the T query positions sees (slots
@@ -171,11 +277,12 @@ at::Tensor latent_decode_attention(const at::Tensor& q_lat, const at::Tensor& q_
       const int64_t b = item / groups, m0 = (item % groups) * kLanes;
       const int lanes = static_cast<int>(std::min<int64_t>(kLanes, M - m0));
       vf8 lim_v = splat(-1.0f);
-      int64_t last = -1;
+      int64_t last = -1, all_see = lanes < kLanes ? 0 : S;  // padding lanes see nothing
       for (int l = 0; l < lanes; ++l) {
         const int64_t lm = std::min(lim_ptr[b * lim_b + (m0 + l) / heads * lim_t], S - 1);
         lim_v[l] = static_cast<float>(lm);  // exact: slots < 2^24
         last = std::max(last, lm);
+        all_see = std::min(all_see, lm + 1);
       }
       for (int64_t c = 0; c < C; ++c) {
         vf8 v = vf8{};
@@ -188,8 +295,13 @@ at::Tensor latent_decode_attention(const at::Tensor& q_lat, const at::Tensor& q_
         qpT[r] = v;
       }
       vf8 den;
-      attend_group(qT.data(), qpT.data(), lim_v, kv_ptr + b * kv_b, kv_s, pe_ptr + b * pe_b, pe_s, C, R, last,
-                   static_cast<float>(scale), accT.data(), den);
+#if defined(__AVX512F__)
+      attend_group_paired(qT.data(), qpT.data(), lim_v, all_see, kv_ptr + b * kv_b, kv_s, pe_ptr + b * pe_b, pe_s,
+                          C, R, last, static_cast<float>(scale), accT.data(), den);
+#else
+      attend_group(qT.data(), qpT.data(), lim_v, all_see, kv_ptr + b * kv_b, kv_s, pe_ptr + b * pe_b, pe_s, C, R,
+                   last, static_cast<float>(scale), accT.data(), den);
+#endif
       for (int l = 0; l < lanes; ++l) {
         const float inv = 1.0f / den[l];  // no visible slot: 0 * inf, NaN, as a softmax over all -inf gives
         float* o = out_ptr + (b * M + m0 + l) * C;
