@@ -476,7 +476,7 @@ class Engine:
                     pos = torch.stack([self.pos[:n], self.pos[:n] + 1], dim=1)
                     kv, pe = cache.kv[:, :n, :2], cache.pe[:, :n, :2]
                     _, h = verify(ids, pos, kv, pe, None)
-                    draft(h, ids, pos, kv, pe, None)
+                    draft(h, ids, pos, self.pos[:n] * 0, kv, pe, None)
                 out = (eager[0], _warmed(verify), _warmed(draft))
             else:
                 decode = compiled(decode_logits)
@@ -571,8 +571,9 @@ class Engine:
             # t_L is the token just sampled. Its prediction at j = L-1 is the draft for position L+1.
             nxt_BT = torch.cat([ids_BT[:, 1:], ids_BT[:, :1]], dim=1)
             nxt_BT[ar, lens - 1] = first
-            mtp_logits, _ = self.model.mtp_forward(1, h_BTD, nxt_BT, pos_BT, cache=view, prefill=True)
-            self.draft[a:b], q = self._pick(mtp_logits[ar, lens - 1], a, b, group, u[:, 1])
+            mtp_logits, _ = self.model.mtp_forward(1, h_BTD, nxt_BT, pos_BT, cache=view, prefill=True,
+                                                   pick_B=lens - 1)
+            self.draft[a:b], q = self._pick(mtp_logits[:, 0], a, b, group, u[:, 1])
             if q is not None:
                 self.draft_q[a:b] = q
         tokens = first.tolist()
@@ -605,7 +606,6 @@ class Engine:
         last, pos, draft, q_NV = self.last[:n], self.pos[:n], self.draft[:n], self.draft_q[:n]
         pos_N2 = torch.stack([pos, pos + 1], dim=1)
         logits_N2V, h_N2D = self._verify(torch.stack([last, draft], dim=1), pos_N2, view.kv, view.pe, view.idx)
-        ar = torch.arange(n, device=self.device)
         u = self._uniforms(rows, 4)
         if all(r.generator is None for r in rows):  # all greedy: exact argmax comparisons, no distributions
             target_N2 = logits_N2V.argmax(-1)
@@ -621,8 +621,9 @@ class Engine:
         n_new = 1 + accepted.long()
         # MTP at pos (h_pos, t_{pos+1}) and pos+1 (h_{pos+1}, t_{pos+2}); the second is garbage for rejected rows
         # (its latents are rewritten next step) and the draft comes from the last position actually kept.
-        mtp_logits = self._draft(h_N2D, torch.stack([first, bonus], dim=1), pos_N2, view.kv, view.pe, view.idx)
-        new_draft, new_q = self._pick(mtp_logits[ar, n_new - 1], 0, n, rows, u[:, 3])
+        mtp_logits = self._draft(h_N2D, torch.stack([first, bonus], dim=1), pos_N2, n_new - 1, view.kv, view.pe,
+                                 view.idx)
+        new_draft, new_q = self._pick(mtp_logits, 0, n, rows, u[:, 3])
         self.last[:n] = torch.where(accepted, bonus, first)
         self.pos[:n] += n_new
         self.draft[:n] = new_draft
@@ -670,10 +671,11 @@ def verify_forward(model: Transformer, ids_N2: Tensor, pos_N2: Tensor, kv: Tenso
     return model(ids_N2, positions=pos_N2, cache=LatentCache(kv, pe, idx, fused), return_hidden=True)
 
 
-def draft_forward(model: Transformer, h_N2D: Tensor, tokens_N2: Tensor, pos_N2: Tensor, kv: Tensor, pe: Tensor,
-                  idx: Tensor | None = None, fused: bool = False) -> Tensor:
-    """The MTP drafter (depth 1) on the verified positions: logits [N, 2, V] of the token after next."""
-    return model.mtp_forward(1, h_N2D, tokens_N2, pos_N2, cache=LatentCache(kv, pe, idx, fused))[0]
+def draft_forward(model: Transformer, h_N2D: Tensor, tokens_N2: Tensor, pos_N2: Tensor, pick_N: Tensor, kv: Tensor,
+                  pe: Tensor, idx: Tensor | None = None, fused: bool = False) -> Tensor:
+    """The MTP drafter (depth 1) on the two verified positions (both write its cache layer): logits [N, V] of the
+    next draft, from position pick_N of each row, the last one kept (the LM head runs on that one only)."""
+    return model.mtp_forward(1, h_N2D, tokens_N2, pos_N2, cache=LatentCache(kv, pe, idx, fused), pick_B=pick_N)[0][:, 0]
 
 
 def _warmed(run: Callable) -> Callable:

@@ -690,14 +690,17 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
 
     def mtp_forward(self, depth: int, h_BTD: Tensor, tokens_BT: Tensor, positions: Tensor,
-                    cache: LatentCache | None = None, rows: Tensor | None = None, prefill: bool = False):
+                    cache: LatentCache | None = None, rows: Tensor | None = None, prefill: bool = False,
+                    pick_B: Tensor | None = None):
         """One MTP depth at inference (speculative drafting): returns (logits [B, T, V], h^depth [B, T, D]) from the
-        previous depth's hidden states and the tokens one step ahead of them."""
+        previous depth's hidden states and the tokens one step ahead of them. With `pick_B` (a position per row)
+        only that position goes through the LM head: logits [B, 1, V]."""
         layer = self.mtp[depth - 1]
         cos, sin = self.rope(positions)
         cache_kw = {} if cache is None else dict(cache=cache, positions_BT=positions, rows_B=rows, prefill=prefill)
         h = layer(h_BTD, self.embed_tokens(tokens_BT), cos, sin, **cache_kw)
-        return self.lm_head(layer.shared_head.norm(h)).float(), h
+        out = h if pick_B is None else h[torch.arange(h.shape[0], device=h.device), pick_B][:, None]
+        return self.lm_head(layer.shared_head.norm(out)).float(), h
 
     # ------------------------------------------------------------------------------------------------ bookkeeping
     def expert_loads(self) -> Tensor:
