@@ -272,11 +272,10 @@ class Engine:
         self.rows: list[Request] = []  # active requests; rows[i] owns cache row i
         self.compile_s = 0.0
         self.fused_attention = False  # decode attention through nanoseek.kernels (compiled fp32 CPU decode)
+        self._decode_logits, self._verify, self._draft = (functools.partial(f, model) for f in
+                                                          (decode_logits, verify_forward, draft_forward))
         if compile:
-            self._decode_logits, self._verify, self._draft = self._compile_decode()
-        else:
-            self._decode_logits, self._verify, self._draft = (functools.partial(f, model) for f in
-                                                              (decode_logits, verify_forward, draft_forward))
+            self._compile_decode()
         self.waiting: collections.deque[Request] = collections.deque()
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -423,11 +422,11 @@ class Engine:
         return max(len(r.prompt) + len(r.output) for r in self.rows) + ahead
 
     # ------------------------------------------------------------------------------------------------ compiled decode
-    def _compile_decode(self) -> tuple[Callable, Callable, Callable]:
+    def _compile_decode(self) -> None:
         """The decode forwards under torch.compile (inductor, C++ wrapper): one graph whose kernels fuse the ~1,000
         small ops of an eager batch-1 step (dev/LOG.md). Plain decode compiles `decode_logits`; speculation compiles
         its two forwards, the main model's verify of [last, draft] and the MTP drafter, with the acceptance rule
-        between them left eager. Returns (decode, verify, draft); the ones this engine does not run stay eager.
+        between them left eager. Replaces the forwards this engine runs; the others stay eager.
 
         The span S is a dynamic dimension and so is the number of rows past 1, so a server compiles twice per
         forward (1 row, more rows), here and now rather than mid-request; three times where max_batch reaches past
@@ -440,7 +439,6 @@ class Engine:
         # library products at 2,048 slots (nanoseek.kernels; dev/LOG.md).
         self.fused_attention = fused = (self.cache.kv.dtype == torch.float32 and self.cache.kv.device.type == "cpu"
                                         and next(self.model.parameters()).dtype == torch.float32 and kernels.load())
-        eager = [functools.partial(f, self.model) for f in (decode_logits, verify_forward, draft_forward)]
 
         def compiled(forward: Callable) -> Callable:
             # Compiled code is cached per function (up to torch._dynamo's recompile limit), not per engine: engines
@@ -476,15 +474,14 @@ class Engine:
                     pos = torch.stack([self.pos[:n], self.pos[:n] + 1], dim=1)
                     kv, pe = cache.kv[:, :n, :2], cache.pe[:, :n, :2]
                     _, h = verify(ids, pos, kv, pe, None)
-                    draft(h, ids, pos, self.pos[:n] * 0, kv, pe, None)
-                out = (eager[0], _warmed(verify), _warmed(draft))
+                    draft(h, ids, pos, torch.zeros_like(self.pos[:n]), kv, pe, None)
+                self._verify, self._draft = _warmed(verify), _warmed(draft)
             else:
                 decode = compiled(decode_logits)
                 for n in sorted(counts):
                     decode(self.last[:n, None], self.pos[:n, None], cache.kv[:, :n, :2], cache.pe[:, :n, :2], None)
-                out = (_warmed(decode), eager[1], eager[2])
+                self._decode_logits = _warmed(decode)
         self.compile_s = time.perf_counter() - t0
-        return out
 
     def _compact(self) -> None:
         """Keep active rows at 0..N-1: move the last live rows into the holes finished ones left."""

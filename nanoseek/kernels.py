@@ -166,16 +166,18 @@ inline vf16 dup(const vf8& a) { return __builtin_shufflevector(a, a, 0, 0, 1, 1,
 inline vf8 even(const vf16& a) { return __builtin_shufflevector(a, a, 0, 2, 4, 6, 8, 10, 12, 14); }
 inline vf8 odd(const vf16& a) { return __builtin_shufflevector(a, a, 1, 3, 5, 7, 9, 11, 13, 15); }
 
-// Scores of one slot's row `k` (n channels) against the paired queries q2: s += k . q, two channels a lane pair.
-#define NANOSEEK_PAIRED_SCORES(q2, rows, n)                                                          \
-  for (int64_t i = 0; i < (n) / 2; ++i) {                                                            \
-    const vf16 q = (q2)[i];                                                                          \
-    for (int k = 0; k < kKeys; ++k) s[k] += pair_splat(rows[k] + 2 * i) * q;                         \
-  }                                                                                                  \
-  if ((n) & 1) { /* the last channel alone: its pair's odd lanes hold zero queries */                \
-    const vf16 q = (q2)[(n) / 2];                                                                    \
-    for (int k = 0; k < kKeys; ++k) s[k] += splat16(rows[k][(n) - 1]) * q;                           \
+// Scores of kKeys slots' rows (n channels each) against the paired queries q2: s[k] += rows[k] . q, two channels
+// a lane pair.
+inline void paired_scores(vf16* s, const vf16* q2, const float* const* rows, int64_t n) {
+  for (int64_t i = 0; i < n / 2; ++i) {
+    const vf16 q = q2[i];
+    for (int k = 0; k < kKeys; ++k) s[k] += pair_splat(rows[k] + 2 * i) * q;
   }
+  if (n & 1) {  // the last channel alone: its pair's odd lanes hold zero queries
+    const vf16 q = q2[n / 2];
+    for (int k = 0; k < kKeys; ++k) s[k] += splat16(rows[k][n - 1]) * q;
+  }
+}
 
 void attend_group_paired(const vf8* qT, const vf8* qpT, const vf8& lim, int64_t all_see, const float* kv,
                          int64_t kv_s, const float* pe, int64_t pe_s, int64_t C, int64_t R, int64_t last,
@@ -202,8 +204,8 @@ void attend_group_paired(const vf8* qT, const vf8* qpT, const vf8& lim, int64_t 
         pr[k] = pe + slot * pe_s;
       }
       vf16 s[kKeys] = {};
-      NANOSEEK_PAIRED_SCORES(q2, kr, C)
-      NANOSEEK_PAIRED_SCORES(qp2, pr, R)
+      paired_scores(s, q2.data(), kr, C);
+      paired_scores(s, qp2.data(), pr, R);
       for (int k = 0; k < kKeys; ++k) e[j + k] = (even(s[k]) + odd(s[k])) * scale;
     }
     // online softmax: mask, block max, rescale what came before
@@ -236,7 +238,6 @@ void attend_group_paired(const vf8* qT, const vf8* qpT, const vf8& lim, int64_t 
     accT[2 * i + 1] = odd(acc2[i]);
   }
 }
-#undef NANOSEEK_PAIRED_SCORES
 #endif
 
 // q_lat [B, M, C], q_pe [B, M, R]: the M = T x H absorbed queries of each row; kv [B, S, C], pe [B, S, R]: the
