@@ -434,11 +434,12 @@ class Engine:
         experts leave the row-by-row path for grouped_mm."""
         if self.config.index_topk is not None:
             raise ValueError("compile covers dense MLA; run models with sparse attention (index_topk set) without it")
-        options = decode_compile_options(self.config.vocab_size)
         # Attention over the cache in one fused pass where it can (fp32 on CPU): 3.5x less time than its three
-        # library products at 2,048 slots (nanoseek.kernels; dev/LOG.md).
+        # library products at 2,048 slots; products of 2-8 rows through one read of each weight (nanoseek.kernels;
+        # dev/LOG.md).
         self.fused_attention = fused = (self.cache.kv.dtype == torch.float32 and self.cache.kv.device.type == "cpu"
                                         and next(self.model.parameters()).dtype == torch.float32 and kernels.load())
+        options = decode_compile_options(self.config.vocab_size, few_rows=fused)
 
         def compiled(forward: Callable) -> Callable:
             # Compiled code is cached per function (up to torch._dynamo's recompile limit), not per engine: engines
@@ -639,19 +640,24 @@ class Engine:
         self.stats.accepted += int(sum(o[2] for o in out)) - n
 
 
-def decode_compile_options(vocab_size: int) -> dict:
+def decode_compile_options(vocab_size: int, few_rows: bool = False) -> dict:
     """Inductor options of the compiled decode step: the C++ wrapper (no Python between kernels) and inductor's
     memory-bound-mm pass, which on CPU turns a product with one row, x [1, K] @ W [K, N], into a fused
     multiply-and-sum kernel that streams W once, in place of a library GEMV call per weight. A batch-1 decode step
     is ~48 such products, memory-bound (dev/LOG.md: 5.3 -> 3.2 ms a step at context 2,048). The pass reads its
-    size limit (N <= 2,048 on CPU) when it is first imported; it is raised here to cover the LM head."""
+    size limit (N <= 2,048 on CPU) when it is first imported; it is raised here to cover the LM head. `few_rows`
+    (the caller has loaded nanoseek.kernels): the products left, those with 2-16 rows (a speculative verify, small
+    batches), go to the kernels' few-row GEMM, which reads each weight once for all rows."""
     from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_
 
     limit = max(vocab_size, pass_.CPU_MAX_OTHER_DIMENSION_DECOMPOSITION)
     pass_.cpu_max_other_dimension_decomposition = max(pass_.cpu_max_other_dimension_decomposition, limit)
     # The pass reads the module global above; the limit in the options only puts it into inductor's cache key.
-    return {"cpp_wrapper": True,
-            "post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": limit}}}
+    options = {"cpp_wrapper": True,
+               "post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": limit}}}
+    if few_rows:
+        options["post_grad_custom_post_pass"] = kernels.few_rows_pass()
+    return options
 
 
 def decode_logits(model: Transformer, ids_N1: Tensor, pos_N1: Tensor, kv: Tensor, pe: Tensor,

@@ -9,6 +9,9 @@ they took ~190 us a layer of a ~3.6 ms compiled step. This kernel walks the cach
 scores for every query of the row, an online softmax, and the weighted sum into the output while the block is in
 L1 (dev/LOG.md, session 6). Built with -march=native: on AVX-512 machines a 16-lane variant holds two channels
 of each query per register (dev/LOG.md, session 7).
+
+`few_rows_mm`: x [M, K] @ W^T for the 2-8 rows of a small decode step (a speculative verify has two tokens a row),
+reading each weight row once for all of them; `few_rows_pass` puts it into compiled decode graphs.
 """
 
 from __future__ import annotations
@@ -313,15 +316,100 @@ at::Tensor latent_decode_attention(const at::Tensor& q_lat, const at::Tensor& q_
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------- few-row GEMM
+// y [M, N] = x [M, K] . w [N, K]^T for the few rows of a decode step (speculative verify: 2 tokens a row; small
+// batches). MKL's GEMM at 2-4 rows costs 1.5-3x its one-row time here, and its one-row GEMV streams a cold weight
+// at a third of the bandwidth this loop gets: one weight row at a time, front to back, dotted with up to 4 input
+// rows held in L1. A single forward stream is what the hardware prefetcher follows best; four rows in flight at
+// once, or software prefetch, ran at half the bandwidth (dev/LOG.md, session 8).
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#else
+constexpr int kW = 8;
+#endif
+typedef float vfw __attribute__((vector_size(kW * 4)));
+typedef float vfw_u __attribute__((vector_size(kW * 4), aligned(4)));  // unaligned loads
+
+inline vfw loadu(const float* p) { return *reinterpret_cast<const vfw_u*>(p); }
+typedef float vf4 __attribute__((vector_size(16)));
+inline float hsum(const vf8& v) {  // a tree of shuffles: a chain of dependent scalar adds was the kernel's cost
+  vf4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  a += __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  a += __builtin_shufflevector(a, a, 1, 0, 3, 2);
+  return a[0];
+}
+#if defined(__AVX512F__)
+inline float hsum(const vf16& v) {
+  return hsum(vf8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)) +
+              vf8(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
+}
+#endif
+
+// Rows n0..n1 of the output for MC input rows x (row stride x_s), against weight rows of stride w_s.
+template <int MC>
+void few_rows_span(const float* x, int64_t x_s, const float* w, int64_t w_s, int64_t K, int64_t n0, int64_t n1,
+                   float* y, int64_t y_s) {
+  const int64_t Kv = K / kW * kW;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wr = w + n * w_s;
+    vfw acc[MC] = {};
+    for (int64_t k = 0; k < Kv; k += kW) {
+      const vfw wv = loadu(wr + k);
+      for (int m = 0; m < MC; ++m) acc[m] += wv * loadu(x + m * x_s + k);
+    }
+    for (int m = 0; m < MC; ++m) {
+      float s = hsum(acc[m]);
+      for (int64_t k = Kv; k < K; ++k) s += wr[k] * x[m * x_s + k];
+      y[m * y_s + n] = s;
+    }
+  }
+}
+
+constexpr int64_t kFewRowsMax = 16;  // cold weights: 1.6x faster than MKL at 16 rows; warm ones (L2) even (session 8)
+
+// x [M, K] (unit last stride), w_KN [K, N]: the transposed view of a contiguous weight [N, K], as a linear layer
+// hands it to mm. Any other layout or row count goes to at::mm.
+at::Tensor few_rows_mm(const at::Tensor& x, const at::Tensor& w_KN) {
+  TORCH_CHECK(x.dim() == 2 && w_KN.dim() == 2 && x.size(1) == w_KN.size(0),
+              "few_rows_mm: expected x [M, K] and w [K, N], got ", x.sizes(), " and ", w_KN.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = w_KN.size(1);
+  if (x.scalar_type() != at::kFloat || w_KN.scalar_type() != at::kFloat || !x.device().is_cpu() ||
+      !w_KN.device().is_cpu() || M > kFewRowsMax || w_KN.stride(0) != 1 ||
+      (N > 1 && w_KN.stride(1) < K)) {
+    return at::mm(x, w_KN);
+  }
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w_KN.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t x_s = xc.stride(0), w_s = w_KN.stride(1);
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // 8 rows at once ran at a third of the bandwidth of two passes of 4
+      const float* xm = xp + m0 * x_s;
+      float* ym = yp + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: few_rows_span<1>(xm, x_s, wp, w_s, K, n0, n1, ym, N); break;
+        case 2: few_rows_span<2>(xm, x_s, wp, w_s, K, n0, n1, ym, N); break;
+        case 3: few_rows_span<3>(xm, x_s, wp, w_s, K, n0, n1, ym, N); break;
+        default: few_rows_span<4>(xm, x_s, wp, w_s, K, n0, n1, ym, N); break;
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nanoseek, m) {
   m.def("latent_decode_attention(Tensor q_lat, Tensor q_pe, Tensor kv, Tensor pe, Tensor limit, float scale) "
         "-> Tensor");
+  m.def("few_rows_mm(Tensor x, Tensor w_KN) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
   m.impl("latent_decode_attention", &latent_decode_attention);
+  m.impl("few_rows_mm", &few_rows_mm);
 }
 """
 
@@ -359,8 +447,36 @@ def load() -> bool:
         def _(q_lat, q_pe, kv, pe, limit, scale):
             return q_lat.new_empty(q_lat.shape)
 
+        @torch.library.register_fake("nanoseek::few_rows_mm")
+        def _(x, w_KN):
+            return x.new_empty(x.shape[0], w_KN.shape[1])
+
         _loaded = True
         return True
+
+
+def few_rows_pass():
+    """An inductor post-grad pass (`post_grad_custom_post_pass`) that sends fp32 CPU matrix products, which in a decode
+    graph have the few rows of a step, to `nanoseek::few_rows_mm`: one pass over the weight for up to 8 rows, where
+    MKL's GEMM costs 1.5-2x its one-row time at 2-4 rows (dev/LOG.md, session 8). The op hands anything else
+    (more rows, another layout) to at::mm, so the pass needs no shape guards. `load()` must have returned True."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class FewRowsPass(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            mm = torch.ops.aten.mm.default
+            for node in graph.nodes:
+                if node.op != "call_function" or node.target is not mm:
+                    continue
+                vals = [getattr(a, "meta", {}).get("val") for a in node.args]
+                if all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.device.type == "cpu"
+                       for v in vals):
+                    node.target = torch.ops.nanoseek.few_rows_mm.default
+
+        def uuid(self):
+            return get_hash_for_files((__file__,))
+
+    return FewRowsPass()
 
 
 def latent_decode_attention(q_lat_BMC, q_pe_BMR, kv_BSC, pe_BSR, limit_BT, scale: float):

@@ -1,5 +1,6 @@
-"""The fused CPU decode-attention kernel (nanoseek.kernels) against the PyTorch path it replaces: the kernel alone on
-odd shapes, then inside the model's absorbed decode and the compiled engine."""
+"""The CPU kernels (nanoseek.kernels) against the PyTorch paths they replace: the fused decode attention alone on
+odd shapes, then inside the model's absorbed decode and the compiled engine; the few-row GEMM against a matrix
+product, and inside a compiled graph through its inductor pass."""
 
 import pytest
 import torch
@@ -90,3 +91,47 @@ def test_model_decode_through_the_kernel_equals_the_pytorch_path(monkeypatch):
                                   positions=pos, cache=cache)
     assert len(calls) == config.num_hidden_layers
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ few-row GEMM
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 13, 16, 17])
+@pytest.mark.parametrize("K,N", [(256, 96), (37, 5), (100, 1)])
+def test_few_rows_mm_equals_a_matrix_product(M, K, N):
+    # Row counts through every chunk size (4 rows a pass, a remainder of 1-3) and past the 16-row limit (at::mm);
+    # widths that are not a multiple of the vector width; input rows with a stride (a slice of a wider batch) and
+    # a weight that is itself a slice of a wider one (row stride > K).
+    g = torch.Generator().manual_seed(M * 100 + K)
+    x = torch.randn(M, K + 7, generator=g)[:, :K]
+    w = torch.randn(N, K + 3, generator=g)[:, :K]
+    torch.testing.assert_close(torch.ops.nanoseek.few_rows_mm(x, w.t()), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_few_rows_mm_hands_other_layouts_to_a_library_product():
+    x = torch.randn(3, 20)
+    w_KN = torch.randn(20, 9)  # contiguous [K, N]: not the transposed weight the loop reads
+    torch.testing.assert_close(torch.ops.nanoseek.few_rows_mm(x, w_KN), x @ w_KN)
+    torch.testing.assert_close(torch.ops.nanoseek.few_rows_mm(x.double(), w_KN.double()), x.double() @ w_KN.double())
+    with pytest.raises(RuntimeError, match="expected x"):
+        torch.ops.nanoseek.few_rows_mm(x, torch.randn(21, 9))
+
+
+def test_few_rows_pass_puts_the_kernel_into_compiled_products():
+    # Under decode_compile_options(few_rows=True) a 2-row product runs nanoseek::few_rows_mm inside the compiled
+    # graph, with the same values; without the option it does not.
+    from torch.profiler import profile
+
+    from nanoseek.engine import decode_compile_options
+
+    w, x = torch.randn(300, 64), torch.randn(2, 64)
+    for few_rows in (True, False):
+        torch._dynamo.reset()
+        fn = torch.compile(lambda a, b: torch.relu(a @ b.t()), dynamic=False,
+                           options=decode_compile_options(300, few_rows=few_rows))
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            fn(x, w)
+            with profile() as prof:
+                got = fn(x, w)
+        torch.testing.assert_close(got, torch.relu(x @ w.t()), rtol=1e-5, atol=1e-5)
+        ran = any(e.key == "nanoseek::few_rows_mm" for e in prof.key_averages())
+        assert ran == few_rows
+    torch._dynamo.reset()
