@@ -10,7 +10,7 @@ scores for every query of the row, an online softmax, and the weighted sum into 
 L1 (dev/LOG.md, session 6). Built with -march=native: on AVX-512 machines a 16-lane variant holds two channels
 of each query per register (dev/LOG.md, session 7).
 
-`few_rows_mm`: x [M, K] @ W^T for the 2-8 rows of a small decode step (a speculative verify has two tokens a row),
+`few_rows_mm`: x [M, K] @ W^T for the 2-16 rows of a small decode step (a speculative verify has two tokens a row),
 reading each weight row once for all of them; `few_rows_pass` puts it into compiled decode graphs.
 """
 
@@ -321,7 +321,7 @@ at::Tensor latent_decode_attention(const at::Tensor& q_lat, const at::Tensor& q_
 // batches). MKL's GEMM at 2-4 rows costs 1.5-3x its one-row time here, and its one-row GEMV streams a cold weight
 // at a third of the bandwidth this loop gets: one weight row at a time, front to back, dotted with up to 4 input
 // rows held in L1. A single forward stream is what the hardware prefetcher follows best; four rows in flight at
-// once, or software prefetch, ran at half the bandwidth (dev/LOG.md, session 8).
+// once, or software prefetch, ran at less than half the bandwidth (dev/LOG.md, session 8).
 #if defined(__AVX512F__)
 constexpr int kW = 16;
 #else
@@ -384,8 +384,9 @@ at::Tensor few_rows_mm(const at::Tensor& x, const at::Tensor& w_KN) {
   const float* wp = w_KN.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t x_s = xc.stride(0), w_s = w_KN.stride(1);
+  // Serial in this build (no -fopenmp; dev/LOG.md, session 7), split over output columns where it is not.
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // 8 rows at once ran at a third of the bandwidth of two passes of 4
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // 8 rows at once: half the bandwidth of two passes of 4
       const float* xm = xp + m0 * x_s;
       float* ym = yp + m0 * N;
       switch (std::min<int64_t>(4, M - m0)) {
@@ -457,8 +458,8 @@ def load() -> bool:
 
 def few_rows_pass():
     """An inductor post-grad pass (`post_grad_custom_post_pass`) that sends fp32 CPU matrix products, which in a decode
-    graph have the few rows of a step, to `nanoseek::few_rows_mm`: one pass over the weight for up to 8 rows, where
-    MKL's GEMM costs 1.5-2x its one-row time at 2-4 rows (dev/LOG.md, session 8). The op hands anything else
+    graph have the few rows of a step, to `nanoseek::few_rows_mm`: one pass over the weight per 4 rows (up to 16),
+    where MKL's GEMM costs 1.5-2.5x its one-row time at 2-4 rows (dev/LOG.md, session 8). The op hands anything else
     (more rows, another layout) to at::mm, so the pass needs no shape guards. `load()` must have returned True."""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
