@@ -435,7 +435,7 @@ class Engine:
         if self.config.index_topk is not None:
             raise ValueError("compile covers dense MLA; run models with sparse attention (index_topk set) without it")
         # Attention over the cache in one fused pass where it can (fp32 on CPU): 3.5x less time than its three
-        # library products at 2,048 slots; products of 2-8 rows through one read of each weight (nanoseek.kernels;
+        # library products at 2,048 slots; products of 2-16 rows through one read of each weight (nanoseek.kernels;
         # dev/LOG.md).
         self.fused_attention = fused = (self.cache.kv.dtype == torch.float32 and self.cache.kv.device.type == "cpu"
                                         and next(self.model.parameters()).dtype == torch.float32 and kernels.load())

@@ -323,12 +323,12 @@ at::Tensor latent_decode_attention(const at::Tensor& q_lat, const at::Tensor& q_
 // rows held in L1. A single forward stream is what the hardware prefetcher follows best; four rows in flight at
 // once, or software prefetch, ran at less than half the bandwidth (dev/LOG.md, session 8).
 #if defined(__AVX512F__)
-constexpr int kW = 16;
+typedef vf16 vfw;
 #else
-constexpr int kW = 8;
+typedef vf8 vfw;
 #endif
-typedef float vfw __attribute__((vector_size(kW * 4)));
-typedef float vfw_u __attribute__((vector_size(kW * 4), aligned(4)));  // unaligned loads
+constexpr int kW = sizeof(vfw) / sizeof(float);
+typedef float vfw_u __attribute__((vector_size(sizeof(vfw)), aligned(4)));  // unaligned loads
 
 inline vfw loadu(const float* p) { return *reinterpret_cast<const vfw_u*>(p); }
 typedef float vf4 __attribute__((vector_size(16)));
